@@ -1,0 +1,38 @@
+"""Pure-PyTorch Mixtral: config, layers, checkpoints, tokenizer, reference generation. No Ray here.
+
+The same layer code runs in one process (the reference path) and inside the cluster's actors.
+"""
+
+from model.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    weight_names,
+    write_mistral_checkpoint,
+    write_random_checkpoint,
+)
+from model.config import ModelConfig, preset_names
+from model.generate import generate
+from model.kv_cache import CacheBatch, KVCache
+from model.loader import load_into, load_model
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams, sample
+from model.tokenizer import Tokenizer
+
+__all__ = [
+    "CacheBatch",
+    "Checkpoint",
+    "CheckpointError",
+    "KVCache",
+    "Mixtral",
+    "ModelConfig",
+    "SamplingParams",
+    "Tokenizer",
+    "generate",
+    "load_into",
+    "load_model",
+    "preset_names",
+    "sample",
+    "weight_names",
+    "write_mistral_checkpoint",
+    "write_random_checkpoint",
+]

@@ -1,0 +1,165 @@
+"""Grouped-query attention over packed sequences, with an optional paged KV cache.
+
+Shape legend: T = packed tokens of the call, H = hidden, Hq / Hkv = query / kv heads,
+D = head dim, S = sequences in one attention group, Tq / Tk = queries / keys per sequence
+(padded within a group), N*B = slots of the paged pool.
+
+Several sequences are packed flat (`seq_lens` tokens each). Query i of a sequence may see key j
+of the same sequence when `pos_j <= pos_i` and, with a sliding window W, `pos_i - W < pos_j`.
+Sequences never see each other. `plan_attention` turns positions, lengths and block tables
+into index tensors once per forward; every layer reuses that plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import FREED
+from model.rope import apply_rotary
+
+_FUTURE = 2**62  # key position given to padding: later than any query
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended by one SDPA call, padded to common query and key counts."""
+
+    q_rows: torch.Tensor  # [S, Tq] rows of the packed tokens
+    k_index: torch.Tensor  # [S, Tk] rows of the key store: the call's own keys, or pool slots with a cache
+    mask: torch.Tensor  # [S, Tq, Tk] bool, True where the query sees the key
+
+
+@dataclass
+class AttentionPlan:
+    groups: list[AttentionGroup]
+    write_slots: torch.Tensor | None  # [T] pool slot of each new token; None without a cache
+
+
+def plan_attention(
+    positions: torch.Tensor,
+    seq_lens: Sequence[int],
+    window: int | None,
+    block_tables: Sequence[Sequence[int]] | None = None,
+    block_size: int = 0,
+) -> AttentionPlan:
+    """Index tensors for one forward call.
+
+    Without a cache each sequence's keys are its own new tokens. With one, new keys are written
+    to `write_slots` and each sequence reads every cached position its queries may see, so the
+    same call serves prefill, chunked prefill and decode. Single-token sequences (decode) share
+    one padded group; longer ones get a group each (no quadratic padding across prompts).
+    """
+    device = positions.device
+    total = int(positions.shape[0])
+    if sum(seq_lens) != total:
+        raise ValueError(f"seq_lens sum to {sum(seq_lens)} but {total} positions were given")
+    if block_tables is not None and len(block_tables) != len(seq_lens):
+        raise ValueError(f"{len(block_tables)} block tables for {len(seq_lens)} sequences")
+
+    groups: list[AttentionGroup] = []
+    singles: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, key index [Tk], key positions [Tk])
+    write_slots: list[torch.Tensor] = []
+    start = 0
+    for s, n in enumerate(seq_lens):
+        if n <= 0:
+            raise ValueError(f"sequence {s} has {n} tokens; every packed sequence needs at least one")
+        q_pos = positions[start : start + n]  # [Tq]
+        first = int(q_pos[0])
+        if not torch.equal(q_pos, torch.arange(first, first + n, device=device)):
+            raise ValueError(f"positions of sequence {s} are not consecutive from {first}")
+        if block_tables is None:
+            k_pos = q_pos
+            k_index = torch.arange(start, start + n, device=device)
+        else:
+            table = torch.tensor(block_tables[s], dtype=torch.long, device=device)
+            lo = 0 if window is None else max(0, first - window + 1)
+            k_pos = torch.arange(lo, first + n, device=device)  # [Tk] every position the queries may see
+            k_index = _slots(table, k_pos, block_size, s)
+            write_slots.append(k_index[-n:])
+        if n == 1:
+            singles.append((start, k_index, k_pos))
+        else:
+            rows = torch.arange(start, start + n, device=device)
+            groups.append(AttentionGroup(rows[None], k_index[None], _mask(q_pos[None], k_pos[None], window)))
+        start += n
+
+    if singles:
+        rows = torch.tensor([r for r, _, _ in singles], dtype=torch.long, device=device)[:, None]  # [S, 1]
+        k_index = nn.utils.rnn.pad_sequence([k for _, k, _ in singles], batch_first=True)  # [S, Tk]
+        # Padded keys are placed in the far future, so the causal test alone hides them.
+        k_pos = nn.utils.rnn.pad_sequence([p for _, _, p in singles], batch_first=True, padding_value=_FUTURE)
+        q_pos = positions[rows[:, 0]][:, None]  # [S, 1]
+        groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window)))
+    slots = torch.cat(write_slots) if block_tables is not None else None
+    return AttentionPlan(groups, slots)
+
+
+def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int, seq: int) -> torch.Tensor:
+    """Flat pool slots [P] of positions [P] through a block table."""
+    logical = pos // block_size
+    if int(logical[-1]) >= table.shape[0]:
+        raise ValueError(
+            f"sequence {seq}: position {int(pos[-1])} needs block {int(logical[-1])} but its block table "
+            f"has {table.shape[0]} blocks of {block_size}"
+        )
+    physical = table[logical]
+    if bool((physical == FREED).any()):
+        raise ValueError(f"sequence {seq}: a position inside the attention window maps to a freed block")
+    return physical * block_size + pos % block_size
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[S, Tq, Tk] visibility from query positions [S, Tq] and key positions [S, Tk]."""
+    dist = q_pos[:, :, None] - k_pos[:, None, :]  # [S, Tq, Tk]
+    visible = dist >= 0
+    if window is not None:
+        visible &= dist < window
+    return visible
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [T, H] -> [T, H]; `kv` is this layer's flat pools [N*B, Hkv, D] when a cache is used."""
+        t, d = x.shape[0], self.head_dim
+        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, d), cos, sin)  # [T, Hq, D]
+        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, d), cos, sin)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+        if kv is None:
+            k_store, v_store = k, v
+        else:
+            assert plan.write_slots is not None, "a cache needs a plan made with block tables"
+            k_store, v_store = kv
+            k_store[plan.write_slots] = k
+            v_store[plan.write_slots] = v
+        out = torch.empty_like(q)  # [T, Hq, D]
+        for g in plan.groups:
+            qg = q[g.q_rows].transpose(1, 2)  # [S, Tq, Hq, D] -> [S, Hq, Tq, D]
+            kg = k_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]
+            vg = v_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]
+            og = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=g.mask[:, None], scale=d**-0.5, enable_gqa=True
+            )  # [S, Hq, Tq, D]
+            out[g.q_rows] = og.transpose(1, 2)  # [S, Tq, Hq, D]
+        return self.o_proj(out.view(t, self.num_heads * d))

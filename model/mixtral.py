@@ -1,0 +1,110 @@
+"""The Mixtral decoder: embeddings, N x (attention + sparse MoE), final norm, lm_head.
+
+Shape legend: T = packed tokens of all sequences in the call, H = hidden, V = vocab.
+
+Parameter names follow the Hugging Face on-disk names without the `model.` prefix, except that
+each layer's experts are stacked (`layers.{i}.block_sparse_moe.experts.w1` is [E, I, H]).
+The decoder layer exposes its two halves so the distributed engine can run the attention half
+on an attention shard and the MoE half on router + expert groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from model.attention import Attention, AttentionPlan, plan_attention
+from model.config import ModelConfig
+from model.kv_cache import CacheBatch
+from model.moe import SparseMoE
+from model.norm import RMSNorm
+from model.rope import cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.block_sparse_moe = SparseMoE(config)
+
+    def attention_block(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, H] -> (x, moe_input): the residual after attention and its normed copy, both [T, H]."""
+        x = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, kv)
+        return x, self.post_attention_layernorm(x)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:  # [T, H] -> [T, H]
+        x, moe_input = self.attention_block(h, cos, sin, plan, kv)
+        return x + self.block_sparse_moe(moe_input)
+
+
+class Mixtral(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def prepare(
+        self, positions: torch.Tensor, seq_lens: Sequence[int], cache: CacheBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
+        """Per-call tables every layer shares: rotary cos/sin [T, D] and the attention plan."""
+        cos, sin = cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.embed_tokens.weight.dtype)
+        plan = plan_attention(
+            positions,
+            seq_lens,
+            self.config.sliding_window,
+            None if cache is None else cache.block_tables,
+            0 if cache is None else cache.cache.block_size,
+        )
+        return cos, sin, plan
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: Sequence[int],
+        cache: CacheBatch | None = None,
+    ) -> torch.Tensor:
+        """tokens, positions [T] -> final-normed hidden states [T, H]."""
+        if tokens.shape != positions.shape or tokens.dim() != 1:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must be equal 1-D")
+        cos, sin, plan = self.prepare(positions, seq_lens, cache)
+        h = self.embed_tokens(tokens)  # [T, H]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, plan, None if cache is None else cache.layer(i))
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: Sequence[int],
+        cache: CacheBatch | None = None,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [T, V] for packed sequences, or [R, V] for the rows `logit_rows` [R] only
+        (e.g. each sequence's last token when generating, to skip most of the lm_head)."""
+        h = self.hidden_states(tokens, positions, seq_lens, cache)  # [T, H]
+        if logit_rows is not None:
+            h = h[logit_rows]  # [R, H]
+        return self.lm_head(h)

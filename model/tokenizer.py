@@ -1,0 +1,141 @@
+"""Tokenizer: the checkpoint's SentencePiece model for text, `mistral-common` for chat.
+
+Default: the Mixtral 8x22B Instruct v3 tokenizer (32768 pieces) that `mistral-common` ships, so
+tiny test checkpoints speak the real vocabulary. A checkpoint's own `tokenizer.model.vN` or
+`tokenizer.model` wins when present.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mistral_common
+import sentencepiece
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+_REPLACEMENT = "\ufffd"  # what a decode of an incomplete UTF-8 byte sequence ends with
+
+
+class ChatFormatError(ValueError):
+    """Chat messages that the Mistral chat format cannot encode (e.g. two user turns in a row)."""
+
+
+class Tokenizer:
+    """SentencePiece encode/decode with bos/eos, chat encoding, and streaming decoders."""
+
+    def __init__(self, model_file: str | Path, version: str | None = None) -> None:
+        self.model_file = Path(model_file)
+        if not self.model_file.is_file():
+            raise FileNotFoundError(f"tokenizer model {self.model_file} does not exist")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.model_file))
+        self.version = version or _version_of(self.model_file, self.sp.get_piece_size())
+        self._chat: Any = None  # MistralTokenizer, built on first chat request
+
+    @classmethod
+    def default(cls) -> Tokenizer:
+        return cls(DEFAULT_TOKENIZER)
+
+    @classmethod
+    def for_checkpoint(cls, path: str | Path) -> Tokenizer:
+        """The checkpoint's own tokenizer (`tokenizer.model.vN` first, then `tokenizer.model`), else the default."""
+        path = Path(path)
+        own = sorted(path.glob("tokenizer.model.v*")) + sorted(path.glob("tokenizer.model"))
+        if own:
+            return cls(own[0])
+        logger.info("checkpoint %s has no tokenizer.model; using %s", path, DEFAULT_TOKENIZER.name)
+        return cls.default()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.sp.bos_id())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.sp.eos_id())
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids: list[int] = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; control pieces (bos, eos, [INST], ...) decode to nothing."""
+        return str(self.sp.decode(list(ids)))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Prompt tokens of an OpenAI-style conversation in the reference Mistral chat format."""
+        if self._chat is None:
+            self._chat = _chat_tokenizer(self.model_file, self.version)
+        try:
+            request = ChatCompletionRequest.from_openai(messages=[dict(m) for m in messages])
+            tokens: list[int] = self._chat.encode_chat_completion(request).tokens
+        except (MistralCommonException, ValueError, TypeError, KeyError) as e:
+            raise ChatFormatError(f"messages cannot be encoded in the Mistral chat format: {e}") from e
+        return tokens
+
+    def decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces whose concatenation is the full decode.
+
+    SentencePiece drops the leading space of the first piece it decodes and byte-fallback pieces
+    spell a character over several tokens, so a token cannot be decoded alone. Each step decodes a
+    short window twice (without and with the new tokens) and emits the difference, holding text
+    back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens whose text has been emitted
+
+    def push(self, token_id: int) -> str:
+        """Text newly completed by `token_id` (possibly empty)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a stream cut inside a multi-byte character)."""
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before) :]
+
+
+def _version_of(model_file: Path, vocab_size: int) -> str:
+    """Chat-format version: from a `.vN` suffix, else by vocabulary (32000 = v1, 32768 = v3)."""
+    suffix = model_file.name.rsplit(".", 1)[-1]
+    if suffix.startswith("v") and suffix[1:2].isdigit():
+        return suffix
+    return "v1" if vocab_size == 32000 else "v3"
+
+
+def _chat_tokenizer(model_file: Path, version: str) -> Any:
+    """mistral-common reads the version from the file name, so a bare `tokenizer.model` is
+    presented to it under its versioned name through a symlink."""
+    if model_file.name.endswith(f".{version}"):
+        return MistralTokenizer.from_file(str(model_file))
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / f"tokenizer.model.{version}"
+        link.symlink_to(model_file.resolve())
+        return MistralTokenizer.from_file(str(link))

@@ -1,0 +1,30 @@
+"""Shared fixtures: seeded tiny checkpoints written once per session, and torch thread pinning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model import ModelConfig, write_random_checkpoint
+from tests.helpers import GRID_BASE
+
+torch.set_num_threads(1)  # tests run beside each other's processes on 2 cores
+
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make(config=..., seed=..., **writer_kwargs) -> directory, cached per argument set."""
+    made: dict[str, Path] = {}
+
+    def make(config: ModelConfig = GRID_BASE, seed: int = 0, **kwargs: Any) -> Path:
+        key = f"{config.model_dump_json()}|{seed}|{sorted(kwargs.items())}"
+        if key not in made:
+            made[key] = write_random_checkpoint(config, tmp_path_factory.mktemp("ckpt"), seed=seed, **kwargs)
+        return made[key]
+
+    return make

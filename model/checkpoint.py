@@ -23,13 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model.config import ModelConfig
+from model.config import ALL_PARTS, ModelConfig, Part
 
 logger = logging.getLogger(__name__)
 
-Part = Literal["embed", "attention", "gate", "experts", "head"]
-ALL_PARTS: frozenset[Part] = frozenset(("embed", "attention", "gate", "experts", "head"))
-# Which worker loads what: attention shards embed/attention/head, routers the gates, expert groups experts.
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

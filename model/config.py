@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Part = Literal["embed", "attention", "gate", "experts", "head"]
+# What each worker role holds: attention shards embed/attention/head, routers gates, expert groups experts.
+ALL_PARTS: frozenset[Part] = frozenset(("embed", "attention", "gate", "experts", "head"))
 
 
 class ModelConfig(BaseModel):

@@ -10,13 +10,13 @@ on an attention shard and the MoE half on router + expert groups.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
 
 from model.attention import Attention, AttentionPlan, plan_attention
-from model.config import ModelConfig
+from model.config import ALL_PARTS, ModelConfig, Part
 from model.kv_cache import CacheBatch
 from model.moe import SparseMoE
 from model.norm import RMSNorm
@@ -24,12 +24,19 @@ from model.rope import cos_sin
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """One layer, or the parts of it a worker holds (see `Mixtral`)."""
+
+    def __init__(
+        self, config: ModelConfig, parts: Collection[Part] = ALL_PARTS, experts: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.block_sparse_moe = SparseMoE(config)
+        if "attention" in parts:
+            self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.self_attn = Attention(config)
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        if "gate" in parts or "experts" in parts:
+            expert_ids = experts if "experts" in parts else ()
+            self.block_sparse_moe = SparseMoE(config, gate="gate" in parts, experts=expert_ids)
 
     def attention_block(
         self,
@@ -50,19 +57,33 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         plan: AttentionPlan,
         kv: tuple[torch.Tensor, torch.Tensor] | None,
+        expert_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, H] -> [T, H]
         x, moe_input = self.attention_block(h, cos, sin, plan, kv)
-        return x + self.block_sparse_moe(moe_input)
+        return x + self.block_sparse_moe(moe_input, expert_counts)
 
 
 class Mixtral(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The whole model, or only some `parts` of it (optionally a subset of `experts`).
+
+    A partial model keeps the full model's parameter names, so one loader fills every worker:
+    an attention shard is `Mixtral(c, parts={"embed", "attention", "head"})`, a router
+    `Mixtral(c, parts={"gate"})`, an expert group `Mixtral(c, parts={"experts"}, experts=[3, 4])`.
+    Only the whole model can run `forward`; the actors drive the parts they hold.
+    """
+
+    def __init__(
+        self, config: ModelConfig, parts: Collection[Part] = ALL_PARTS, experts: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.parts = frozenset(parts)
+        if "embed" in parts:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, parts, experts) for _ in range(config.num_layers))
+        if "head" in parts:
+            self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def prepare(
         self, positions: torch.Tensor, seq_lens: Sequence[int], cache: CacheBatch | None
@@ -84,14 +105,18 @@ class Mixtral(nn.Module):
         positions: torch.Tensor,
         seq_lens: Sequence[int],
         cache: CacheBatch | None = None,
+        expert_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens, positions [T] -> final-normed hidden states [T, H]."""
+        """tokens, positions [T] -> final-normed hidden states [T, H].
+
+        `expert_counts` [L, E], if given, accumulates the tokens routed to each expert per layer."""
         if tokens.shape != positions.shape or tokens.dim() != 1:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must be equal 1-D")
         cos, sin, plan = self.prepare(positions, seq_lens, cache)
         h = self.embed_tokens(tokens)  # [T, H]
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, plan, None if cache is None else cache.layer(i))
+            counts = None if expert_counts is None else expert_counts[i]
+            h = layer(h, cos, sin, plan, None if cache is None else cache.layer(i), counts)
         return self.norm(h)
 
     def forward(
@@ -101,10 +126,13 @@ class Mixtral(nn.Module):
         seq_lens: Sequence[int],
         cache: CacheBatch | None = None,
         logit_rows: torch.Tensor | None = None,
+        expert_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [T, V] for packed sequences, or [R, V] for the rows `logit_rows` [R] only
         (e.g. each sequence's last token when generating, to skip most of the lm_head)."""
-        h = self.hidden_states(tokens, positions, seq_lens, cache)  # [T, H]
+        if self.parts != ALL_PARTS:
+            raise RuntimeError(f"a partial model ({sorted(self.parts)}) cannot run a whole forward")
+        h = self.hidden_states(tokens, positions, seq_lens, cache, expert_counts)  # [T, H]
         if logit_rows is not None:
             h = h[logit_rows]  # [R, H]
         return self.lm_head(h)

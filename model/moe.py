@@ -75,15 +75,23 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 class SparseMoE(nn.Module):
-    """Gate + all experts in one process: the reference the distributed path must equal."""
+    """Gate + experts. With both (one process) it is the reference the distributed path must
+    equal; a router holds only the gate (`experts=()`), an expert group only its experts
+    (`gate=False`). `experts=None` means all of them."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, gate: bool = True, experts: Sequence[int] | None = None) -> None:
         super().__init__()
         self.top_k = config.experts_per_token
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, range(config.num_experts))
+        self.num_experts = config.num_experts
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False) if gate else None
+        ids = range(config.num_experts) if experts is None else experts
+        self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, ids) if len(ids) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H] -> [T, H]
+    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]; adds the tokens routed to each expert into `expert_counts` [E] if given."""
+        assert self.gate is not None and self.experts is not None, "a partial MoE block cannot run alone"
         weights, experts = route(self.gate(x), self.top_k)  # [T, K], [T, K]
+        if expert_counts is not None:
+            expert_counts += torch.bincount(experts.flatten(), minlength=self.num_experts).to(expert_counts)
         rows = x.repeat_interleave(self.top_k, dim=0)  # [T*K, H], token-major like experts.flatten()
         return combine(self.experts(rows, experts.flatten()), weights)

@@ -15,7 +15,6 @@ from tests.helpers import GRID_BASE
 torch.set_num_threads(1)  # tests run beside each other's processes on 2 cores
 
 
-
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """make(config=..., seed=..., **writer_kwargs) -> directory, cached per argument set."""

@@ -196,7 +196,7 @@ def test_index_naming_a_missing_shard(checkpoint_factory, tmp_path) -> None:
 def test_not_a_checkpoint(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="is not a directory"):
         Checkpoint(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="neither config.json"):
+    with pytest.raises(FileNotFoundError, match=r"neither config\.json"):
         Checkpoint(tmp_path)
 
 

@@ -9,7 +9,7 @@ from model.config import ModelConfig as Cfg
 
 def test_presets_by_exact_name() -> None:
     assert {"tiny", "mini", "mixtral-8x7b", "mixtral-8x22b"} <= set(preset_names())
-    with pytest.raises(ValueError, match="unknown model preset 'Tiny'.*tiny"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'Tiny'.*tiny"):
         ModelConfig.preset("Tiny")
 
 
@@ -86,5 +86,5 @@ def test_missing_config_files(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"neither config\.json .* nor params\.json"):
         Cfg.from_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(ValueError, match="config.json has no 'num_attention_heads'"):
+    with pytest.raises(ValueError, match=r"config\.json has no 'num_attention_heads'"):
         Cfg.from_checkpoint(tmp_path)

@@ -1,0 +1,279 @@
+"""The engine: requests in, tokens and text out, one `step` at a time.
+
+It owns the scheduler, the block tables and the tokenizer; a `Backend` runs each step's batches
+(one per attention shard) and returns the sampled tokens. `LocalBackend` runs `model.Mixtral`
+in this process (the fast CPU path and the baseline); `cluster.workers.RayBackend` runs the same
+step over Ray actors. The engine is synchronous and single-threaded; `cluster.llm.LLM` drives it
+from a background thread for streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from cluster.batch import Sampled, Sampler, SeqChunk, ShardBatch, pack
+from cluster.scheduler import Chunk, Scheduler
+from cluster.scheduler import Sequence as SchedSeq
+from model.config import ModelConfig
+from model.kv_cache import CacheBatch, KVCache
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams as ModelSamplingParams
+from model.tokenizer import IncrementalDecoder, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SamplingParams(ModelSamplingParams):
+    """Per-request generation settings (the model-level ones plus stopping rules)."""
+
+    stop: list[str] = Field(default_factory=list)  # stop strings; the text ends before the first match
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False  # log-probability of each sampled token
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve any more (a worker died, the backend failed)."""
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: what is new since the last update and everything so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[float] | None = None
+    error: str | None = None
+
+
+class Backend(Protocol):
+    num_shards: int
+
+    def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
+        """Run one step; per shard the sampled tokens, and the step's tokens per expert [L, E]."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalBackend:
+    """The whole model in this process: one shard, one cache, no workers."""
+
+    num_shards = 1
+
+    def __init__(self, model: Mixtral, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        weight = model.embed_tokens.weight
+        self.cache = KVCache.allocate(model.config, num_blocks, block_size, weight.dtype, weight.device)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
+        (batch,) = batches
+        self.sampler.drop(batch.finished)
+        cfg = self.model.config
+        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
+        if not batch.chunks:
+            return [[]], counts
+        p = pack(batch, self.cache.k.device)
+        cache = CacheBatch(self.cache, p.block_tables)
+        logits = self.model(p.tokens, p.positions, p.seq_lens, cache, logit_rows=p.logit_rows, expert_counts=counts)
+        return [self.sampler.sample(batch, logits)], counts
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class _Request:
+    seq: SchedSeq
+    params: SamplingParams
+    decoder: IncrementalDecoder
+    text: str = ""
+    emitted: int = 0  # characters of text already reported
+    emitted_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        blocks_per_shard: int,
+        block_size: int = 16,
+        max_batched_tokens: int = 512,
+        max_seqs: int = 256,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        self.scheduler = Scheduler(
+            backend.num_shards, blocks_per_shard, block_size, max_batched_tokens, max_seqs, config.sliding_window
+        )
+        self.requests: dict[str, _Request] = {}
+        self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)
+        self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
+        self.steps = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError for one that can never run (empty, too long, bad token ids)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}"
+            )
+        seq = self.scheduler.add(request_id, list(prompt), params.max_tokens)
+        self.requests[request_id] = _Request(seq, params, self.tokenizer.decoder())
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: its blocks are free for the next step."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def blocks_in_use(self) -> int:
+        return self.scheduler.blocks_in_use()
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one step on the backend, and report every request that changed."""
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:
+            return []
+        batches = [ShardBatch(finished=drops) for drops in self._drops]
+        self._drops = [[] for _ in range(self.backend.num_shards)]
+        for c in schedule.chunks:
+            batches[c.seq.shard].chunks.append(self._chunk(c))
+        sampled, counts = self.backend.execute(batches)
+        self.expert_counts += counts
+        self.scheduler.advance(schedule.chunks)
+        self.steps += 1
+        outputs = []
+        for shard_out in sampled:
+            for s in shard_out:
+                req = self.requests.get(s.request_id)
+                if req is not None:
+                    outputs.append(self._append(req, s))
+        return outputs
+
+    def _chunk(self, c: Chunk) -> SeqChunk:
+        req = self.requests[c.seq.request_id]
+        return SeqChunk(
+            request_id=c.seq.request_id,
+            tokens=c.seq.tokens[c.start : c.end],
+            start=c.start,
+            block_table=list(c.seq.block_table),
+            params=req.params if c.sample else None,
+            logprobs=req.params.logprobs,
+        )
+
+    def _append(self, req: _Request, s: Sampled) -> RequestOutput:
+        seq, params = req.seq, req.params
+        seq.output.append(s.token)
+        if s.logprob is not None:
+            req.logprobs.append(s.logprob)
+        stop_token = s.token in params.stop_token_ids or (s.token == self.tokenizer.eos_id and not params.ignore_eos)
+        reason: FinishReason | None = None
+        if stop_token:
+            req.text += req.decoder.flush()
+            reason = "stop"
+        else:
+            req.text += req.decoder.push(s.token)
+            cut = _first_stop(req.text, params.stop, max(0, req.emitted - _longest(params.stop)))
+            if cut is not None:
+                req.text = req.text[:cut]
+                reason = "stop"
+            elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+                req.text += req.decoder.flush()
+                reason = "length"
+        if reason is not None:
+            return self._finish(req, reason)
+        return self._update(req, hold=_longest(params.stop) - 1)
+
+    def _update(self, req: _Request, hold: int = 0, reason: FinishReason | None = None) -> RequestOutput:
+        """The delta since the last report; `hold` characters stay back while a stop string may be forming."""
+        visible = len(req.text) if reason is not None else max(req.emitted, len(req.text) - max(hold, 0))
+        new_text = req.text[req.emitted : visible]
+        req.emitted = visible
+        new_tokens = req.seq.output[req.emitted_tokens :]
+        req.emitted_tokens = len(req.seq.output)
+        return RequestOutput(
+            request_id=req.seq.request_id,
+            prompt_token_ids=req.seq.prompt,
+            token_ids=list(req.seq.output),
+            text=req.text[:visible],
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=list(req.logprobs) if req.params.logprobs else None,
+        )
+
+    def _finish(self, req: _Request, reason: FinishReason) -> RequestOutput:
+        seq = req.seq
+        if seq.shard >= 0:
+            self._drops[seq.shard].append(seq.request_id)
+        self.scheduler.finish(seq)
+        del self.requests[seq.request_id]
+        return self._update(req, reason=reason)
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with `error` (the backend is gone)."""
+        outs = []
+        for req in list(self.requests.values()):
+            out = self._finish(req, "abort")
+            out.error = error
+            outs.append(out)
+        return outs
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+
+
+def _longest(stops: Sequence[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    """Index where the earliest stop string begins in text[start:], if any."""
+    hits = [i for s in stops if s and (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,193 @@
+"""Placement: which worker holds what, and which resources it asks Ray for. Pure functions.
+
+A model copy is `A` attention shards, `R` routers (router r serves shards a with a % R == r) and
+`G` expert groups (contiguous expert ranges, uneven allowed: 8 over 3 = 3/3/2). Global ranks in
+the data-plane process group follow that order: shards, then routers, then groups, so that the
+router + expert-group sub-group lists routers first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.checkpoint import expected_shape, weight_names
+from model.config import ModelConfig, Part
+
+Role = Literal["attention", "router", "experts"]
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+ROLE_PARTS: dict[Role, tuple[Part, ...]] = {
+    "attention": ("embed", "attention", "head"),
+    "router": ("gate",),
+    "experts": ("experts",),
+}
+
+
+class PlacementError(ValueError):
+    """A layout that cannot exist, or cannot fit the cluster it was asked to run on."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    attention_shards: int = 1
+    routers: int = 1
+    expert_groups: int = 1
+
+    @property
+    def num_workers(self) -> int:
+        return self.attention_shards + self.routers + self.expert_groups
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: Role
+    index: int  # within its role
+    rank: int  # global rank in the data-plane process group
+    experts: tuple[int, ...] = ()  # expert groups: global expert ids held
+    shards: tuple[int, ...] = ()  # routers: attention shards served
+    router: int = -1  # attention shards: index of their router
+    parts: tuple[Part, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+def expert_map(num_experts: int, num_groups: int) -> list[tuple[int, ...]]:
+    """Contiguous expert ids per group, the first `num_experts % num_groups` groups one larger."""
+    if not 1 <= num_groups <= num_experts:
+        raise PlacementError(f"expert_groups must be between 1 and num_experts ({num_experts}), got {num_groups}")
+    base, extra = divmod(num_experts, num_groups)
+    out, start = [], 0
+    for g in range(num_groups):
+        n = base + (g < extra)
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return out
+
+
+def shard_routers(num_shards: int, num_routers: int) -> list[int]:
+    """Router index of each attention shard: shard a -> router a % R."""
+    if not 1 <= num_routers <= num_shards:
+        raise PlacementError(
+            f"routers must be between 1 and attention_shards ({num_shards}) so each serves a shard, got {num_routers}"
+        )
+    return [a % num_routers for a in range(num_shards)]
+
+
+def worker_specs(layout: Layout, num_experts: int) -> list[WorkerSpec]:
+    """Every worker of one model copy, in global-rank order."""
+    if layout.attention_shards < 1:
+        raise PlacementError(f"attention_shards must be >= 1, got {layout.attention_shards}")
+    routers = shard_routers(layout.attention_shards, layout.routers)
+    groups = expert_map(num_experts, layout.expert_groups)
+    specs = [
+        WorkerSpec("attention", a, a, router=routers[a], parts=ROLE_PARTS["attention"])
+        for a in range(layout.attention_shards)
+    ]
+    specs += [
+        WorkerSpec(
+            "router",
+            r,
+            layout.attention_shards + r,
+            shards=tuple(a for a, rr in enumerate(routers) if rr == r),
+            parts=ROLE_PARTS["router"],
+        )
+        for r in range(layout.routers)
+    ]
+    base = layout.attention_shards + layout.routers
+    specs += [
+        WorkerSpec("experts", g, base + g, experts=ids, parts=ROLE_PARTS["experts"]) for g, ids in enumerate(groups)
+    ]
+    return specs
+
+
+def spec_weight_names(config: ModelConfig, spec: WorkerSpec) -> list[str]:
+    """The checkpoint tensors this worker loads (and no other)."""
+    return weight_names(config, experts=spec.experts or None, parts=spec.parts)
+
+
+def param_bytes(config: ModelConfig, spec: WorkerSpec, dtype_bytes: int) -> int:
+    """Bytes of parameters the worker holds in a dtype of `dtype_bytes` per element."""
+    return dtype_bytes * sum(math.prod(expected_shape(config, n)) for n in spec_weight_names(config, spec))
+
+
+def worker_resources(device: str, cpus_per_worker: float = 1.0) -> dict[str, float]:
+    """A worker's bundle: one GPU each on GPU (NCCL allows one rank per GPU), CPU slots in local mode."""
+    if device == "cuda":
+        return {"GPU": 1.0, "CPU": cpus_per_worker}
+    return {"CPU": cpus_per_worker}
+
+
+def bundles(
+    specs: Sequence[WorkerSpec],
+    resources: Mapping[str, float],
+    replica_bundle: Mapping[str, float] | None = None,
+) -> list[dict[str, float]]:
+    """Placement-group bundles: the replica's own first (when given), then one per worker in rank order."""
+    head = [dict(replica_bundle)] if replica_bundle is not None else []
+    return head + [dict(resources) for _ in specs]
+
+
+def check_memory(
+    config: ModelConfig,
+    specs: Sequence[WorkerSpec],
+    dtype_bytes: int,
+    device_memory_bytes: int,
+    reserve_fraction: float = 0.1,
+) -> None:
+    """Fail fast when a worker's weights cannot fit its device (leaving room for KV cache and activations)."""
+    budget = device_memory_bytes * (1 - reserve_fraction)
+    for spec in specs:
+        need = param_bytes(config, spec, dtype_bytes)
+        if need > budget:
+            hint = "use more expert_groups" if spec.role == "experts" else "use a smaller dtype or larger devices"
+            raise PlacementError(
+                f"{spec.name} needs {need / 1e9:.1f} GB of weights at {dtype_bytes} bytes per parameter, "
+                f"but a device has {device_memory_bytes / 1e9:.1f} GB ({budget / 1e9:.1f} GB usable after a "
+                f"{reserve_fraction:.0%} reserve); {hint}"
+            )
+
+
+def check_resources(
+    wanted: Sequence[Mapping[str, float]],
+    nodes: Sequence[Mapping[str, float]],
+    strategy: Strategy = "PACK",
+) -> None:
+    """Fail fast when bundles cannot be placed on nodes' available resources.
+
+    First-fit-decreasing bin packing (one node per bundle for STRICT_SPREAD, one node in all for
+    STRICT_PACK); a success here does not promise Ray will place them, a failure means it never will.
+    """
+    totals: dict[str, float] = {}
+    for b in wanted:
+        for k, v in b.items():
+            totals[k] = totals.get(k, 0.0) + v
+    have: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n.items():
+            have[k] = have.get(k, 0.0) + v
+    short = {k: (v, have.get(k, 0.0)) for k, v in totals.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        parts = ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
+        raise PlacementError(f"this layout needs {parts}: {len(wanted)} bundles of {dict(wanted[-1])}")
+    if strategy == "STRICT_SPREAD" and len(wanted) > len(nodes):
+        raise PlacementError(f"STRICT_SPREAD needs one node per bundle: {len(wanted)} bundles, {len(nodes)} nodes")
+    if strategy == "STRICT_PACK":
+        if not any(_fits(totals, n) for n in nodes):
+            raise PlacementError(f"STRICT_PACK needs one node with {totals}; no node has that much")
+        return
+    free = [dict(n) for n in nodes]
+    for b in sorted(wanted, key=lambda b: -sum(b.values())):
+        node = next((f for f in free if _fits(b, f)), None)
+        if node is None:
+            raise PlacementError(f"a bundle {dict(b)} fits on no node once the others are placed (nodes: {nodes})")
+        for k, v in b.items():
+            node[k] -= v
+
+
+def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())

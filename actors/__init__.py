@@ -1,4 +1,12 @@
-"""Ray actor classes of one model copy (AttentionShard, Router, ExpertGroup): thin shells over `model/`.
+"""Ray actor classes of one model copy: thin shells over `model/` code.
 
-Empty until the engine issue lands them; see ../shared/DESIGN.md for their roles.
+`AttentionShard` x A (embeddings, attention, KV cache, lm_head, sampling), `Router` x R (gates,
+all-to-all dispatch), `ExpertGroup` x G (a subset of the experts). See ../shared/DESIGN.md.
+Each is a plain class; `cluster.workers` wraps it with `ray.remote` and places it.
 """
+
+from actors.attention_shard import AttentionShard
+from actors.expert_group import ExpertGroup
+from actors.router import Router
+
+__all__ = ["AttentionShard", "ExpertGroup", "Router"]

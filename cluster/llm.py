@@ -267,12 +267,11 @@ class LLM:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or f"stream-{next(self._ids)}"
-        fut = self._loop.submit(
-            rid,
-            self.encode(prompt),
-            params or SamplingParams(),
-            lambda o: loop.call_soon_threadsafe(updates.put_nowait, o),
-        )
+
+        def on_output(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, out)
+
+        fut = self._loop.submit(rid, self.encode(prompt), params or SamplingParams(), on_output)
         await asyncio.wrap_future(fut)
         finished = False
         try:

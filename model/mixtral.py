@@ -18,7 +18,7 @@ from torch import nn
 from model.attention import Attention, AttentionPlan, plan_attention
 from model.config import ALL_PARTS, ModelConfig, Part
 from model.kv_cache import CacheBatch
-from model.moe import SparseMoE
+from model.moe import ExpertFFN, SparseMoE
 from model.norm import RMSNorm
 from model.rope import cos_sin
 
@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         if "gate" in parts or "experts" in parts:
             expert_ids = experts if "experts" in parts else ()
-            self.block_sparse_moe = SparseMoE(config, gate="gate" in parts, experts=expert_ids)
+            self.block_sparse_moe: SparseMoE = SparseMoE(config, gate="gate" in parts, experts=expert_ids)
 
     def attention_block(
         self,
@@ -84,6 +84,21 @@ class Mixtral(nn.Module):
         if "head" in parts:
             self.norm = RMSNorm(config.hidden_size, config.norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.layers)  # type: ignore[arg-type]  # ModuleList is typed as holding Modules
+
+    def gates(self) -> list[nn.Linear]:
+        """Every layer's gate (a router's weights)."""
+        gates = [layer.block_sparse_moe.gate for layer in self.decoder_layers()]
+        assert all(g is not None for g in gates), "this model holds no gates"
+        return gates  # type: ignore[return-value]
+
+    def expert_ffns(self) -> list[ExpertFFN]:
+        """Every layer's experts (an expert group's weights)."""
+        ffns = [layer.block_sparse_moe.experts for layer in self.decoder_layers()]
+        assert all(f is not None for f in ffns), "this model holds no experts"
+        return ffns  # type: ignore[return-value]
 
     def prepare(
         self, positions: torch.Tensor, seq_lens: Sequence[int], cache: CacheBatch | None

@@ -71,7 +71,8 @@ class ExpertFFN(nn.Module):
 def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over each token's k experts: expert_out [T*K, H] (token-major), weights [T, K] -> [T, H]."""
     t, k = weights.shape
-    return (expert_out.view(t, k, -1) * weights[:, :, None]).sum(dim=1)  # [T, K, H] -> [T, H]
+    h = expert_out.shape[-1]
+    return (expert_out.view(t, k, h) * weights[:, :, None]).sum(dim=1)  # [T, K, H] -> [T, H]
 
 
 class SparseMoE(nn.Module):

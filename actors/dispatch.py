@@ -1,0 +1,94 @@
+"""The MoE data plane between routers and expert groups: sort, exchange, compute, return.
+
+Shape legend: T = tokens at a router, K = experts per token, H = hidden, N = (token, expert)
+rows a router sends (T*K) or an expert group receives (sum over routers), P = members of the
+router + expert-group sub-group (R routers first, then G groups), E = experts.
+
+Per layer, in the sub-group: (1) `all_to_all_single` of row counts, so each group knows what it
+receives; (2) rows router -> groups, each row carrying its expert id in one extra column (exact
+in fp32/bf16/fp16 for E <= 256); (3) results groups -> routers, in the order received. Routers
+never send to routers, groups never to groups: those splits are zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+MAX_EXPERTS_IN_COLUMN = 256  # integers a bf16 column holds exactly
+
+
+def dispatch_order(experts: torch.Tensor, group_of: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, list[int]]:
+    """Pairs sorted by destination group: order [T*K] over token-major pairs, and rows per group [G]."""
+    dest = group_of[experts.flatten()]  # [T*K]
+    order = torch.argsort(dest, stable=True)  # [T*K]
+    counts = torch.bincount(dest, minlength=num_groups).tolist()
+    return order, counts
+
+
+def router_exchange(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    group_of: torch.Tensor,
+    num_routers: int,
+    num_groups: int,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Send each (token, expert) pair's row to its expert's group; the results [T*K, H], token-major."""
+    t, k = experts.shape
+    h = x.shape[1]
+    order, counts = dispatch_order(experts, group_of, num_groups)
+    none = [0] * num_routers
+    send_counts = torch.tensor(none + counts, dtype=torch.long, device=x.device)  # [P]
+    dist.all_to_all_single(torch.empty_like(send_counts), send_counts, group=group)
+    ids = experts.flatten()[order].to(x.dtype)[:, None]  # [N, 1] expert id as a column
+    rows = torch.cat([x[order // k], ids], dim=1).contiguous()  # [N, H+1] sorted by group
+    p = num_routers + num_groups
+    dist.all_to_all_single(
+        x.new_empty(0, h + 1), rows, output_split_sizes=[0] * p, input_split_sizes=none + counts, group=group
+    )
+    back = x.new_empty(t * k, h)  # [N, H] results in the order sent
+    dist.all_to_all_single(
+        back, x.new_empty(0, h), output_split_sizes=none + counts, input_split_sizes=[0] * p, group=group
+    )
+    out = torch.empty_like(back)
+    out[order] = back  # un-permute to token-major pairs
+    return out
+
+
+def group_exchange(
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_routers: int,
+    num_groups: int,
+    group: dist.ProcessGroup,
+    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> int:
+    """An expert group's side of one layer: receive rows, `compute(x [N, H], expert_ids [N])`, return them.
+
+    Returns the number of rows processed."""
+    p = num_routers + num_groups
+    got = torch.empty(p, dtype=torch.long, device=device)
+    dist.all_to_all_single(got, torch.zeros(p, dtype=torch.long, device=device), group=group)
+    from_routers = got[:num_routers].tolist()
+    n = sum(from_routers)
+    rows = torch.empty(n, hidden_size + 1, dtype=dtype, device=device)  # [N, H+1]
+    dist.all_to_all_single(
+        rows,
+        rows.new_empty(0, hidden_size + 1),
+        output_split_sizes=from_routers + [0] * num_groups,
+        input_split_sizes=[0] * p,
+        group=group,
+    )
+    y = compute(rows[:, :hidden_size], rows[:, hidden_size].long()).contiguous()  # [N, H]
+    dist.all_to_all_single(
+        y.new_empty(0, hidden_size),
+        y,
+        output_split_sizes=[0] * p,
+        input_split_sizes=from_routers + [0] * num_groups,
+        group=group,
+    )
+    return n

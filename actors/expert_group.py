@@ -1,0 +1,55 @@
+"""ExpertGroup: the SwiGLU weights of its experts for every layer, run on the rows routers send.
+
+Shape legend: N = rows received in a layer, H = hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.dispatch import MAX_EXPERTS_IN_COLUMN, group_exchange
+from actors.worker import Worker
+from cluster.placement import WorkerSpec
+from cluster.protocol import StepPlan
+from model.config import ModelConfig
+from model.moe import ExpertFFN
+
+
+class ExpertGroup(Worker):
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        checkpoint: str,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: str,
+        num_routers: int,
+        num_groups: int,
+        torch_threads: int = 1,
+    ) -> None:
+        if config.num_experts > MAX_EXPERTS_IN_COLUMN:
+            raise ValueError(f"at most {MAX_EXPERTS_IN_COLUMN} experts are supported, got {config.num_experts}")
+        super().__init__(spec, checkpoint, config, dtype, device, torch_threads)
+        self.num_routers = num_routers
+        self.num_groups = num_groups
+        local = torch.full((config.num_experts,), -1, dtype=torch.long, device=self.device)
+        local[list(spec.experts)] = torch.arange(len(spec.experts), device=self.device)
+        self.local_of = local  # [E] global expert id -> slot here (-1: not ours)
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> int:
+        """Serve every layer of this step; returns the rows processed."""
+        total = 0
+        for ffn in self.model.expert_ffns():
+
+            def compute(x: torch.Tensor, expert_ids: torch.Tensor, ffn: ExpertFFN = ffn) -> torch.Tensor:
+                local = self.local_of[expert_ids]  # [N]
+                if bool((local < 0).any()):
+                    raise RuntimeError(f"{self.spec.name} received a row for an expert it does not hold")
+                return ffn(x, local)
+
+            cfg = self.config
+            total += group_exchange(
+                cfg.hidden_size, self.dtype, self.device, self.num_routers, self.num_groups, self.moe_group, compute
+            )
+        return total

@@ -1,0 +1,93 @@
+"""What every worker actor shares: loading its own tensors, joining the data plane, reporting."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from cluster.placement import WorkerSpec, spec_weight_names
+from model.checkpoint import Checkpoint
+from model.config import ModelConfig
+from model.loader import load_into
+from model.mixtral import Mixtral
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Base of AttentionShard, Router and ExpertGroup: holds `Mixtral(config, spec.parts, spec.experts)`."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        checkpoint: str,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: str,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)  # a fixed count, so workers sharing cores do not oversubscribe them
+        self.spec = spec
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the visible GPU
+        ckpt = Checkpoint(checkpoint)
+        experts = list(spec.experts) or None
+        with torch.device("meta"):
+            self.model = Mixtral(config, spec.parts, experts)
+        slot = {e: i for i, e in enumerate(spec.experts)}
+        load_into(
+            self.model,
+            ckpt,
+            spec_weight_names(config, spec),
+            device=self.device,
+            dtype=dtype,
+            expert_slot=slot.__getitem__ if slot else lambda e: e,
+        )
+        self.keys_read = list(ckpt.keys_read)
+        self.moe_group: Any = None
+        logger.info("%s loaded %d tensors", spec.name, len(self.keys_read))
+
+    # ---- set-up and reports (control plane) ------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port for the process group's rendezvous (asked of rank 0)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = int(s.getsockname()[1])
+        return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
+
+    def join(self, master_addr: str, master_port: int, world_size: int, moe_ranks: list[int], timeout_s: float) -> None:
+        """Form the data plane: the world group, and the router + expert-group sub-group (every rank calls it)."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.spec.rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self.moe_group = dist.new_group(moe_ranks)
+
+    def where(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "name": self.spec.name,
+            "node_id": ctx.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "placement_group_id": ctx.get_placement_group_id(),
+        }
+
+    def loaded(self) -> dict[str, Any]:
+        """Tensors read from the checkpoint and bytes of parameters held."""
+        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"keys_read": self.keys_read, "param_bytes": nbytes}
+
+    def ping(self) -> bool:
+        return True

@@ -95,6 +95,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self._arrivals = itertools.count()
+        self.num_preemptions = 0
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -225,6 +226,7 @@ class Scheduler:
         self._free_all(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
+        self.num_preemptions += 1
         # Back in arrival order among the waiting, so the oldest preempted work resumes first.
         pos = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
         self.waiting.insert(pos, seq)

@@ -105,7 +105,11 @@ class RayBackend:
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except GetTimeoutError as e:
-            free = ray.available_resources()  # type: ignore[no-untyped-call]
+            free = {
+                k: v
+                for k, v in ray.available_resources().items()  # type: ignore[no-untyped-call]
+                if k in ("CPU", "GPU") or not (k.startswith(("bundle_group", "node:")) or "memory" in k)
+            }
             raise PlacementError(
                 f"the placement group of {n} bundles ({self.pg.bundle_specs[0]} each) was not placed within "
                 f"{timeout_s:.0f} s; the cluster has {free} free. Add nodes or shrink the layout."

@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
-from model import ModelConfig
+import torch
+
+from model import ModelConfig, SamplingParams, generate, load_model
 
 # The test grid's base: tiny, but with a small vocabulary so that transformers runs fast too.
 GRID_BASE = ModelConfig.preset("tiny").model_copy(update={"vocab_size": 512})
 
 
+# The engine tests' model: the real vocabulary (text round-trips) and a window shorter than
+# most prompts, so window-freed blocks and cache reads across blocks are always exercised.
+ENGINE_CONFIG = ModelConfig.preset("tiny").model_copy(update={"sliding_window": 12})
+
+
 def grid_config(**update: Any) -> ModelConfig:
     return ModelConfig.model_validate(GRID_BASE.model_dump() | update)
+
+
+def reference_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations from the one-process reference generator (no eos stop)."""
+    model = load_model(path)
+    return generate(model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), eos_id=None)
+
+
+def random_prompts(n: int, seed: int, low: int = 1, high: int = 40, vocab: int = 32768) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (n,), generator=gen).tolist()
+    return [[1, *torch.randint(3, vocab, (length - 1,), generator=gen).tolist()] for length in lengths]
+
+
+def staggered_streams(llm: Any, prompts: list[list[int]], params: Any) -> list[tuple[list[int], str, str]]:
+    """Stream prompts[0]; the others join once it has decoded 3 tokens. Per prompt: the streamed
+    token ids, the concatenated text deltas, and the final text."""
+
+    async def run() -> list[tuple[list[int], str, str]]:
+        started = asyncio.Event()
+
+        async def one(p: list[int], wait: bool) -> tuple[list[int], str, str]:
+            if wait:
+                await started.wait()
+            tokens: list[int] = []
+            text = ""
+            final = None
+            async for out in llm.stream(p, params):
+                tokens += out.new_token_ids
+                text += out.new_text
+                if len(tokens) >= 3:
+                    started.set()
+                final = out
+            assert final is not None and final.finished
+            return tokens, text, final.text
+
+        return list(await asyncio.gather(*(one(p, i > 0) for i, p in enumerate(prompts))))
+
+    return asyncio.run(run())

@@ -1,0 +1,135 @@
+"""The expert-sharded engine on a real local Ray cluster: every layout equals the single-process model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster.engine import EngineError, SamplingParams
+from cluster.llm import LLM
+from cluster.placement import param_bytes, spec_weight_names
+from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy, staggered_streams
+
+LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 3), (1, 1, 8), (2, 2, 8)]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+PROMPTS = random_prompts(5, seed=21, low=2, high=40)  # mixed lengths, most longer than the window (12)
+ENGINE_ARGS = dict(block_size=4, num_blocks=96, max_batched_tokens=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=32, include_dashboard=False)  # logical slots: several copies may be alive at once
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint_factory):
+    return checkpoint_factory(ENGINE_CONFIG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def single(ckpt):
+    llm = LLM(ckpt, single_process=True, **ENGINE_ARGS)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: "A{}-R{}-G{}".format(*p))
+def copy(request, ckpt):
+    a, r, g = request.param
+    llm = LLM(ckpt, attention_shards=a, routers=r, expert_groups=g, **ENGINE_ARGS)
+    yield llm
+    llm.shutdown()
+
+
+def test_greedy_equals_single_process(copy: LLM, single: LLM, ckpt) -> None:
+    ours = staggered_streams(copy, PROMPTS, GREEDY)  # requests join while the first decodes
+    expected = [o.token_ids for o in single.generate(PROMPTS, GREEDY)]
+    assert [tokens for tokens, _, _ in ours] == expected == reference_greedy(ckpt, PROMPTS, 12)
+    assert [text for _, text, _ in ours] == [copy.tokenizer.decode(t) for t in expected]
+    assert copy.stats()["blocks_in_use"] == 0
+
+
+def test_seeded_sampling_equals_single_process(copy: LLM, single: LLM) -> None:
+    ours = [o.token_ids for o in copy.generate(PROMPTS, SAMPLED)]
+    assert ours == [o.token_ids for o in single.generate(PROMPTS, SAMPLED)]
+    assert ours == [o.token_ids for o in copy.generate(PROMPTS, SAMPLED)]  # and across runs
+
+
+def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
+    before_copy, before_single = copy.expert_token_counts(), single.expert_token_counts()
+    copy.generate(PROMPTS[:2], GREEDY)
+    single.generate(PROMPTS[:2], GREEDY)
+    delta = copy.expert_token_counts() - before_copy
+    assert delta.sum() > 0
+    assert delta.tolist() == (single.expert_token_counts() - before_single).tolist()
+
+
+def test_each_worker_reads_and_holds_only_its_tensors(copy: LLM) -> None:
+    backend = copy.backend
+    for spec, loaded in zip(backend.specs, backend.call_all("loaded"), strict=True):
+        assert sorted(loaded["keys_read"]) == sorted(spec_weight_names(ENGINE_CONFIG, spec)), spec.name
+        assert loaded["param_bytes"] == param_bytes(ENGINE_CONFIG, spec, dtype_bytes=4), spec.name
+
+
+def test_many_requests_under_a_small_block_budget(ckpt) -> None:
+    prompts = random_prompts(200, seed=9, low=1, high=40)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with LLM(ckpt, attention_shards=2, routers=1, expert_groups=3, block_size=4, num_blocks=24,
+             max_batched_tokens=64, max_seqs=32) as llm:  # fmt: skip
+        outs = llm.generate(prompts, params)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.stats()["blocks_in_use"] == 0
+    assert [o.token_ids for o in outs] == reference_greedy(ckpt, prompts, 8)
+
+
+def test_abort_during_decode_frees_blocks_and_a_killed_worker_fails_fast(ckpt) -> None:
+    llm = LLM(ckpt, attention_shards=1, routers=1, expert_groups=2, **ENGINE_ARGS)
+    long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+
+    async def abort_after(n: int) -> dict[str, int]:
+        stream = llm.stream(PROMPTS[0], long)
+        async for out in stream:
+            if len(out.token_ids) >= n:
+                assert llm.stats()["blocks_in_use"] > 0
+                break
+        await stream.aclose()
+        return llm.stats()
+
+    assert asyncio.run(abort_after(3)) == {"running": 0, "waiting": 0, "blocks_in_use": 0}
+
+    # Kill an expert group while a request decodes: the request fails within seconds, naming it.
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(errors, lambda: llm.generate([PROMPTS[1]], long)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while llm.stats()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = llm.backend.actors[-1]
+    killed = time.monotonic()
+    ray.kill(victim)
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the request hung after its worker died"
+    assert time.monotonic() - killed < 15
+    assert len(errors) == 1 and isinstance(errors[0], EngineError)
+    assert "experts-1" in str(errors[0])
+    with pytest.raises(EngineError, match="cannot serve"):
+        llm.generate([PROMPTS[2]], GREEDY)
+    llm.shutdown()
+
+    # The dead copy's resources are back: a new one starts and serves correctly.
+    with LLM(ckpt, attention_shards=1, routers=1, expert_groups=2, **ENGINE_ARGS) as fresh:
+        assert fresh.generate([PROMPTS[2]], GREEDY)[0].token_ids == reference_greedy(ckpt, [PROMPTS[2]], 12)[0]
+
+
+def _capture(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as e:
+        errors.append(e)

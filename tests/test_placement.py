@@ -1,0 +1,103 @@
+"""Placement is pure: expert and shard maps, specs, bundles and fit checks, tested without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.placement import (
+    Layout,
+    PlacementError,
+    bundles,
+    check_memory,
+    check_resources,
+    expert_map,
+    param_bytes,
+    shard_routers,
+    spec_weight_names,
+    worker_resources,
+    worker_specs,
+)
+from model import ModelConfig, weight_names
+
+
+def test_expert_map_uneven_split() -> None:
+    assert expert_map(8, 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert expert_map(8, 8) == [(e,) for e in range(8)]
+    assert expert_map(8, 1) == [tuple(range(8))]
+
+
+@pytest.mark.parametrize("experts", [1, 4, 8, 16])
+def test_every_expert_in_exactly_one_group(experts: int) -> None:
+    for groups in range(1, experts + 1):
+        m = expert_map(experts, groups)
+        assert sorted(e for g in m for e in g) == list(range(experts))
+        assert max(map(len, m)) - min(map(len, m)) <= 1
+
+
+def test_impossible_layouts_say_why() -> None:
+    with pytest.raises(PlacementError, match=r"expert_groups must be between 1 and num_experts \(8\), got 9"):
+        expert_map(8, 9)
+    with pytest.raises(PlacementError, match=r"routers must be between 1 and attention_shards \(2\)"):
+        shard_routers(2, 3)
+    with pytest.raises(PlacementError, match="attention_shards must be >= 1"):
+        worker_specs(Layout(0, 1, 1), 8)
+
+
+def test_specs_ranks_and_roles() -> None:
+    specs = worker_specs(Layout(attention_shards=3, routers=2, expert_groups=3), num_experts=8)
+    assert [s.name for s in specs] == [
+        "attention-0", "attention-1", "attention-2", "router-0", "router-1", "experts-0", "experts-1", "experts-2",
+    ]  # fmt: skip
+    assert [s.rank for s in specs] == list(range(8))
+    assert [s.router for s in specs[:3]] == [0, 1, 0]  # shard a -> router a % R
+    assert [s.shards for s in specs[3:5]] == [(0, 2), (1,)]
+    assert [s.experts for s in specs[5:]] == [(0, 1, 2), (3, 4, 5), (6, 7)]
+
+
+def test_each_tensor_has_exactly_one_owner() -> None:
+    cfg = ModelConfig.preset("tiny")
+    specs = worker_specs(Layout(2, 2, 3), cfg.num_experts)
+    shard_names = spec_weight_names(cfg, specs[0])
+    assert spec_weight_names(cfg, specs[1]) == shard_names  # attention is replicated across shards
+    owned = shard_names + [
+        n for s in specs if s.role != "attention" and s.index == 0 for n in spec_weight_names(cfg, s)
+    ]
+    owned += [n for s in specs if s.role == "experts" and s.index > 0 for n in spec_weight_names(cfg, s)]
+    assert sorted(owned) == sorted(weight_names(cfg))
+    assert len(owned) == len(set(owned))
+
+
+def test_param_bytes_per_group() -> None:
+    cfg = ModelConfig.preset("mixtral-8x22b")
+    specs = worker_specs(Layout(2, 1, 3), cfg.num_experts)
+    per_expert = cfg.num_layers * 3 * cfg.hidden_size * cfg.intermediate_size * 2  # bf16
+    groups = [param_bytes(cfg, s, 2) for s in specs if s.role == "experts"]
+    assert groups == [3 * per_expert, 3 * per_expert, 2 * per_expert]
+    assert param_bytes(cfg, specs[2], 2) == 2 * cfg.num_layers * cfg.num_experts * cfg.hidden_size  # gates only
+    total = sum(param_bytes(cfg, s, 2) for s in specs if s.role != "attention" or s.index == 0)
+    assert total == 2 * cfg.num_parameters
+
+
+def test_memory_check_refuses_what_does_not_fit() -> None:
+    cfg = ModelConfig.preset("mixtral-8x22b")
+    with pytest.raises(PlacementError, match=r"experts-0 needs 1\d\d\.\d GB .* 80\.0 GB .*use more expert_groups"):
+        check_memory(cfg, worker_specs(Layout(2, 1, 2), 8), dtype_bytes=2, device_memory_bytes=80 * 10**9)
+    check_memory(cfg, worker_specs(Layout(2, 1, 8), 8), dtype_bytes=2, device_memory_bytes=80 * 10**9)
+
+
+def test_bundles_and_resource_checks() -> None:
+    specs = worker_specs(Layout(2, 2, 8), 8)
+    gpu = bundles(specs, worker_resources("cuda"), replica_bundle={"CPU": 1})
+    assert gpu[0] == {"CPU": 1} and len(gpu) == 13
+    assert all(b == {"GPU": 1.0, "CPU": 1.0} for b in gpu[1:])
+    node = {"GPU": 8.0, "CPU": 96.0}
+    with pytest.raises(PlacementError, match=r"needs 12 GPU \(the cluster has 8\)"):
+        check_resources(gpu, [node])
+    check_resources(gpu, [node, node])
+    with pytest.raises(PlacementError, match="STRICT_SPREAD needs one node per bundle"):
+        check_resources(gpu, [node, node], "STRICT_SPREAD")
+    with pytest.raises(PlacementError, match="STRICT_PACK needs one node"):
+        check_resources(gpu, [node, node], "STRICT_PACK")
+    with pytest.raises(PlacementError, match="fits on no node"):
+        check_resources([{"GPU": 1.0, "CPU": 1.0}] * 3, [{"GPU": 2.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 2.0}])
+    assert bundles(specs, worker_resources("cpu"))[0] == {"CPU": 1.0}

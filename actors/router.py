@@ -35,6 +35,11 @@ class Router(Worker):
         self.group_of = torch.tensor(group_of_expert, dtype=torch.long, device=self.device)  # [E]
         self.num_routers = num_routers
         self.num_groups = max(group_of_expert) + 1
+        self.total_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # since start
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
+        return self.total_counts.clone()
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> torch.Tensor:
@@ -55,4 +60,5 @@ class Router(Worker):
             for rank, part in zip(self.shard_ranks, torch.split(out, sizes), strict=True):
                 if part.shape[0]:
                     dist.send(part.contiguous(), rank)
+        self.total_counts += counts
         return counts

@@ -175,6 +175,7 @@ class LLM:
         worker_resources: dict[str, float] | None = None,
         torch_threads: int = 1,
         step_timeout_s: float = 300.0,
+        device_memory_bytes: int = 80 * 10**9,
     ) -> None:
         self.checkpoint = Path(checkpoint)
         self.dtype = resolve_dtype(dtype)
@@ -206,6 +207,7 @@ class LLM:
                 worker_resources=worker_resources,
                 torch_threads=torch_threads,
                 step_timeout_s=step_timeout_s,
+                device_memory_bytes=device_memory_bytes,
             )
         self.engine = Engine(
             backend,

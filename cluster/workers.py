@@ -30,6 +30,7 @@ from cluster.placement import (
     PlacementError,
     Strategy,
     bundles,
+    check_memory,
     check_resources,
     worker_specs,
 )
@@ -73,6 +74,7 @@ class RayBackend:
         worker_resources: dict[str, float] | None = None,
         torch_threads: int = 1,
         step_timeout_s: float = 300.0,
+        device_memory_bytes: int = 80 * 10**9,
     ) -> None:
         self.layout = layout
         self.num_shards = layout.attention_shards
@@ -80,6 +82,9 @@ class RayBackend:
         self.specs = worker_specs(layout, config.num_experts)
         resources = worker_resources or default_worker_resources(device)
         wanted = bundles(self.specs, resources)
+        if device == "cuda":
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            check_memory(config, self.specs, itemsize, device_memory_bytes)
         ensure_ray(ray_address, sum(b.get("CPU", 0.0) for b in wanted))
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise PlacementError(

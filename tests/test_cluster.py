@@ -69,6 +69,10 @@ def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
     delta = copy.expert_token_counts() - before_copy
     assert delta.sum() > 0
     assert delta.tolist() == (single.expert_token_counts() - before_single).tolist()
+    # The routers keep their own totals; together they are the engine's.
+    routers = [a for a, s in zip(copy.backend.actors, copy.backend.specs, strict=True) if s.role == "router"]
+    kept = sum(ray.get([r.expert_counts.remote() for r in routers]))
+    assert kept.tolist() == copy.expert_token_counts().tolist()
 
 
 def test_each_worker_reads_and_holds_only_its_tensors(copy: LLM) -> None:
@@ -133,3 +137,11 @@ def _capture(errors: list[BaseException], fn) -> None:
         fn()
     except BaseException as e:
         errors.append(e)
+
+
+def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
+    from cluster.placement import PlacementError
+
+    with pytest.raises(PlacementError, match=r"experts-0 needs 0\.0 GB .* use more expert_groups"):
+        LLM(ckpt, expert_groups=1, device="cuda", device_memory_bytes=100_000)
+    assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]

@@ -176,6 +176,8 @@ class LLM:
         torch_threads: int = 1,
         step_timeout_s: float = 300.0,
         device_memory_bytes: int = 80 * 10**9,
+        placement: Any = None,
+        bundle_offset: int = 0,
     ) -> None:
         self.checkpoint = Path(checkpoint)
         self.dtype = resolve_dtype(dtype)
@@ -208,6 +210,8 @@ class LLM:
                 torch_threads=torch_threads,
                 step_timeout_s=step_timeout_s,
                 device_memory_bytes=device_memory_bytes,
+                placement=placement,
+                bundle_offset=bundle_offset,
             )
         self.engine = Engine(
             backend,

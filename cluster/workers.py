@@ -75,7 +75,11 @@ class RayBackend:
         torch_threads: int = 1,
         step_timeout_s: float = 300.0,
         device_memory_bytes: int = 80 * 10**9,
+        placement: PlacementGroup | None = None,
+        bundle_offset: int = 0,
     ) -> None:
+        """`placement`: an existing group to start the workers in (a Serve replica's, whose bundle 0
+        is the replica itself: `bundle_offset=1`); it is left to its owner at shutdown."""
         self.layout = layout
         self.num_shards = layout.attention_shards
         self.step_timeout_s = step_timeout_s
@@ -85,15 +89,24 @@ class RayBackend:
         if device == "cuda":
             itemsize = torch.empty((), dtype=dtype).element_size()
             check_memory(config, self.specs, itemsize, device_memory_bytes)
-        ensure_ray(ray_address, sum(b.get("CPU", 0.0) for b in wanted))
-        if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise PlacementError(
-                f"placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {strategy}"
-            )
-        strat: Strategy = strategy  # type: ignore[assignment]
-        check_resources(wanted, available_nodes(), strat)
-        self.pg: PlacementGroup | None = placement_group(wanted, strategy=strat)
+        self.bundle_offset = bundle_offset
+        self.owns_placement = placement is None
         self.actors: list[Any] = []
+        if placement is None:
+            ensure_ray(ray_address, sum(b.get("CPU", 0.0) for b in wanted))
+            if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+                raise PlacementError(
+                    f"placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD: {strategy}"
+                )
+            strat: Strategy = strategy  # type: ignore[assignment]
+            check_resources(wanted, available_nodes(), strat)
+            placement = placement_group(wanted, strategy=strat)
+        elif len(placement.bundle_specs) < bundle_offset + len(self.specs):
+            raise PlacementError(
+                f"the placement group has {len(placement.bundle_specs)} bundles; this layout needs "
+                f"{bundle_offset + len(self.specs)} ({bundle_offset} before the workers)"
+            )
+        self.pg: PlacementGroup | None = placement
         try:
             self._wait_placement(placement_timeout_s, len(wanted))
             self.actors = self._start_actors(checkpoint, config, device, dtype, num_blocks, block_size, torch_threads)
@@ -147,11 +160,12 @@ class RayBackend:
                 cls, args = Router, (*common, list(spec.shards), group_of, lay.routers, torch_threads)
             else:
                 cls, args = ExpertGroup, (*common, lay.routers, lay.expert_groups, torch_threads)
-            bundle = self.pg.bundle_specs[i]
+            index = self.bundle_offset + i
+            bundle = self.pg.bundle_specs[index]
             options: dict[str, Any] = {
                 "num_cpus": bundle.get("CPU", 0),
                 "num_gpus": bundle.get("GPU", 0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
                 "max_restarts": 0,
             }
             extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None
@@ -208,7 +222,7 @@ class RayBackend:
             except Exception:  # already gone
                 pass
         self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self.owns_placement:
             try:
                 remove_placement_group(self.pg)
             except Exception:

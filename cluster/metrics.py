@@ -25,12 +25,8 @@ class Metrics:
         self.running = Gauge("mixtral_running_sequences", "Sequences in the running batch", ["replica"], registry=r)
         self.waiting = Gauge("mixtral_waiting_sequences", "Sequences waiting to be scheduled", ["replica"], registry=r)
         self.kv_blocks = Gauge("mixtral_kv_blocks_in_use", "KV cache blocks in use", ["replica"], registry=r)
-        self.expert_tokens = Gauge(
-            "mixtral_expert_tokens",
-            "Tokens routed to each expert since start",
-            ["replica", "layer", "expert"],
-            registry=r,
-        )
+        labels = ["replica", "layer", "expert"]
+        self.expert_tokens = Gauge("mixtral_expert_tokens", "Tokens routed to each expert", labels, registry=r)
 
     def observe_engine(self, stats: dict[str, Any]) -> None:
         replica = str(stats["replica"])

@@ -102,8 +102,8 @@ class APIError(Exception):
 
     @property
     def kind(self) -> str:
-        return {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable"}.get(self.status, "invalid_request_error")  # fmt: skip
+        kinds = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        return kinds.get(self.status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}

@@ -191,3 +191,33 @@ def check_resources(
 
 def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
     return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where `plan` expects a worker: node index and GPU index on it (-1 for CPU workers)."""
+
+    node: int
+    gpu: int
+
+
+def assign_slots(num_workers: int, gpus_per_node: int, strategy: Strategy, num_nodes: int | None = None) -> list[Slot]:
+    """One GPU per worker on nodes of `gpus_per_node`: PACK fills nodes in order, SPREAD deals round-robin.
+
+    This is the plan `mixtral-cluster plan` prints; Ray's placement group makes the real choice,
+    under the same strategy. Fails when `num_nodes` nodes cannot hold the workers.
+    """
+    needed = math.ceil(num_workers / gpus_per_node)
+    nodes = needed if num_nodes is None else num_nodes
+    if nodes * gpus_per_node < num_workers:
+        raise PlacementError(
+            f"{num_workers} workers need {num_workers} GPUs ({needed} nodes of {gpus_per_node}); "
+            f"{nodes} nodes have {nodes * gpus_per_node}"
+        )
+    if strategy in ("STRICT_PACK",) and num_workers > gpus_per_node:
+        raise PlacementError(f"STRICT_PACK puts all {num_workers} workers on one node of {gpus_per_node} GPUs")
+    if strategy in ("PACK", "STRICT_PACK"):
+        return [Slot(i // gpus_per_node, i % gpus_per_node) for i in range(num_workers)]
+    if strategy == "STRICT_SPREAD" and num_workers > nodes:
+        raise PlacementError(f"STRICT_SPREAD needs one node per worker: {num_workers} workers, {nodes} nodes")
+    return [Slot(i % nodes, i // nodes) for i in range(num_workers)]

@@ -36,11 +36,12 @@ from cluster.engine import EngineError, SamplingParams
 from cluster.llm import LLM
 from cluster.metrics import Metrics
 from cluster.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
-from cluster.proto import inference_pb2 as pb
+from cluster.proto import inference_pb2
 from cluster.serve_config import ServeConfig
 from model.tokenizer import ChatFormatError
 
 logger = logging.getLogger(__name__)
+pb: Any = inference_pb2  # generated module: its message classes are made at import time
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256
@@ -153,7 +154,7 @@ def build_app(config: ServeConfig) -> Any:
     """The Serve `Application` for a config: an ingress bound to an autoscaled `LLMServer`."""
     shape = config.model_shape()
     srv = config.serving
-    llm_deployment = serve.deployment(
+    llm_deployment: Any = serve.deployment(
         LLMServer,
         name="LLMServer",
         placement_group_bundles=config.replica_bundles(shape.num_experts),
@@ -168,7 +169,7 @@ def build_app(config: ServeConfig) -> Any:
         health_check_period_s=10,
         health_check_timeout_s=60,
     )
-    ingress = serve.deployment(_make_ingress(config), name="Ingress", max_ongoing_requests=10_000)
+    ingress: Any = serve.deployment(_make_ingress(config), name="Ingress", max_ongoing_requests=10_000)
     return ingress.bind(llm_deployment.bind(config))
 
 
@@ -194,9 +195,9 @@ def _make_ingress(config: ServeConfig) -> type:
 
     @serve.ingress(app)
     class Ingress:
-        def __init__(self, llm: DeploymentHandle) -> None:
+        def __init__(self, llm: DeploymentHandle[Any]) -> None:
             self.llm = llm
-            self.metrics = Metrics()
+            self.counters = Metrics()
 
         # ---- HTTP ---------------------------------------------------------------------------
 
@@ -211,14 +212,14 @@ def _make_ingress(config: ServeConfig) -> type:
         @app.get("/metrics")
         async def metrics(self) -> Response:
             try:
-                self.metrics.observe_engine(await asyncio.wait_for(self.llm.stats.remote(), timeout=10))
+                self.counters.observe_engine(await asyncio.wait_for(self.llm.stats.remote(), timeout=10))
             except Exception as e:
                 logger.warning("engine stats unavailable for /metrics: %s", e)
-            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(self.counters.render(), media_type="text/plain; version=0.0.4")
 
         @app.get("/v1/models")
         async def models(self) -> Response:
-            self.metrics.requests.labels("models", "200").inc()
+            self.counters.requests.labels("models", "200").inc()
             card = {"id": model_name, "object": "model", "created": 0, "owned_by": "mixtral-cluster"}
             return JSONResponse({"object": "list", "data": [card]})
 
@@ -247,15 +248,15 @@ def _make_ingress(config: ServeConfig) -> type:
                     raise APIError(404, f"model {req.model!r} does not exist; this server has {model_name!r}",
                                    param="model", code="model_not_found")  # fmt: skip
                 internal = _internal(req, chat)
-                gen = self.llm.options(stream=True).stream.remote(internal)
+                gen: Any = self.llm.options(stream=True).stream.remote(internal)
                 head = await gen.__anext__()
                 if "error" in head:
                     raise APIError.from_dict(head["error"])
             except APIError as e:
-                self.metrics.requests.labels(route, str(e.status)).inc()
+                self.counters.requests.labels(route, str(e.status)).inc()
                 return _error(e)
-            self.metrics.requests.labels(route, "200").inc()
-            self.metrics.prompt_tokens.inc(head["prompt_tokens"])
+            self.counters.requests.labels(route, "200").inc()
+            self.counters.prompt_tokens.inc(head["prompt_tokens"])
             meta = _Meta(internal["id"], model_name, head["replica"], head["prompt_tokens"], chat)
             if req.stream:
                 return StreamingResponse(self._sse(gen, meta, req.include_usage), media_type="text/event-stream")
@@ -275,9 +276,9 @@ def _make_ingress(config: ServeConfig) -> type:
                         raise APIError.from_dict(update["error"])
                     now = time.monotonic()
                     if update["token_ids"]:
-                        (self.metrics.ttft if first else self.metrics.itl).observe(now - (start if first else last))
+                        (self.counters.ttft if first else self.counters.itl).observe(now - (start if first else last))
                         first, last = False, now
-                        self.metrics.generated_tokens.inc(len(update["token_ids"]))
+                        self.counters.generated_tokens.inc(len(update["token_ids"]))
                     yield update
             finally:
                 gen.cancel()  # a no-op once finished; aborts the request when the client has gone
@@ -360,7 +361,7 @@ def _make_ingress(config: ServeConfig) -> type:
             req = _parse(data, chat)
             if req.model != model_name:
                 raise APIError(404, f"model {req.model!r} does not exist; this server has {model_name!r}", "model")
-            gen = self.llm.options(stream=True).stream.remote(_internal(req, chat))
+            gen: Any = self.llm.options(stream=True).stream.remote(_internal(req, chat))
             head = await gen.__anext__()
             if "error" in head:
                 raise APIError.from_dict(head["error"])

@@ -1,0 +1,280 @@
+"""`mixtral-cluster`: serve, generate, make-tiny, plan.
+
+mixtral-cluster serve                     # tiny model, local mode, http://127.0.0.1:8000, gRPC :9000
+mixtral-cluster serve configs/mixtral-8x22b.yaml --address auto
+mixtral-cluster generate --prompt "Hello" --max-tokens 32
+mixtral-cluster make-tiny checkpoints/tiny
+mixtral-cluster plan configs/mixtral-8x22b.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from cluster.placement import (
+    PlacementError,
+    Slot,
+    assign_slots,
+    check_memory,
+    param_bytes,
+    worker_specs,
+)
+from cluster.serve_config import ServeConfig
+from model.checkpoint import write_random_checkpoint
+from model.config import ModelConfig, preset_names
+
+logger = logging.getLogger("mixtral_cluster")
+GRPC_SERVICER = "cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("configs").joinpath("tiny.yaml")))
+
+
+def _load(path: str | None) -> ServeConfig:
+    return ServeConfig.load(path or default_config_path())
+
+
+def ensure_checkpoint(cfg: ServeConfig) -> None:
+    """Local mode: write the seeded checkpoint the config names, the first time (with a progress bar)."""
+    path = cfg.model.checkpoint
+    if path.is_dir():
+        return
+    if not (cfg.model.write_if_missing and cfg.model.preset):
+        raise SystemExit(f"error: checkpoint {path} does not exist (set model.write_if_missing and model.preset "
+                         "to generate a random one, or point model.checkpoint at real weights)")  # fmt: skip
+    print(f"writing a seeded {cfg.model.preset!r} checkpoint to {path} (first run only)")
+    write_random_checkpoint(ModelConfig.preset(cfg.model.preset), path, seed=cfg.model.seed, progress=True)
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.serve import build_app
+
+    cfg = _load(args.config)
+    ensure_checkpoint(cfg)
+    srv = cfg.serving
+    bundles = cfg.replica_bundles(cfg.model_shape().num_experts)
+    if args.address:
+        ray.init(address=args.address, logging_level=logging.WARNING)
+    else:  # local mode: logical CPU slots for every replica's bundles, the ingress and the proxies
+        cpus = sum(b.get("CPU", 0) for b in bundles) * srv.max_replicas + 4
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(
+        http_options=HTTPOptions(host=srv.host, port=srv.http_port, request_timeout_s=srv.request_timeout_s),
+        grpc_options=gRPCOptions(port=srv.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    print(f"starting {cfg.model.name} ({cfg.cluster.attention_shards} attention shards, {cfg.cluster.routers} "
+          f"routers, {cfg.cluster.expert_groups} expert groups per copy) ...", flush=True)  # fmt: skip
+    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
+    url = f"http://{srv.host}:{srv.http_port}"
+    auth = f' -H "Authorization: Bearer {srv.api_key}"' if srv.api_key else ""
+    print(f"\nserving {cfg.model.name} at {url}  (OpenAI API under /v1, gRPC on {srv.host}:{srv.grpc_port})")
+    print(f"try:\n  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{cfg.model.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")  # fmt: skip
+    print("Ctrl-C to stop.", flush=True)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop:
+        time.sleep(0.2)
+    print("shutting down ...", flush=True)
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.engine import SamplingParams
+    from cluster.llm import LLM
+
+    cfg = _load(args.config)
+    ensure_checkpoint(cfg)
+    clu, eng = cfg.cluster, cfg.engine
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with LLM(
+        cfg.model.checkpoint,
+        attention_shards=clu.attention_shards,
+        routers=clu.routers,
+        expert_groups=clu.expert_groups,
+        device=clu.device,
+        dtype=cfg.model.dtype,
+        single_process=args.single_process,
+        ray_address=args.address,
+        block_size=eng.block_size,
+        kv_cache_bytes=int(eng.kv_cache_gb * (1 << 30)),
+        max_model_len=eng.max_model_len,
+    ) as llm:
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        out = llm.generate([prompt], params)[0]
+    print(out.text)
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+# ---- make-tiny -------------------------------------------------------------------------------
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    path = write_random_checkpoint(
+        ModelConfig.preset(args.preset), args.dir, seed=args.seed, dtype=dtype, progress=True
+    )
+    print(f"wrote a seeded {args.preset!r} checkpoint (seed {args.seed}, {args.dtype}) to {path}")
+    return 0
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+
+def plan_rows(cfg: ServeConfig) -> tuple[list[tuple[str, str, str, int, int]], list[str]]:
+    """(actor, node, device, weight bytes, KV bytes) per worker, and problems that make it unfit."""
+    shape = cfg.model_shape()
+    clu = cfg.cluster
+    specs = worker_specs(clu.layout, shape.num_experts)
+    itemsize = DTYPE_BYTES[cfg.model.dtype]
+    kv = int(cfg.engine.kv_cache_gb * (1 << 30))
+    problems: list[str] = []
+    gpu = clu.device == "cuda"
+    if gpu:
+        slots = assign_slots(len(specs), clu.gpus_per_node, clu.placement_strategy)
+        try:
+            check_memory(shape, specs, itemsize, int(clu.gpu_memory_gb * 1e9))
+        except PlacementError as e:
+            problems.append(str(e))
+    else:
+        slots = [Slot(0, -1)] * len(specs)
+    rows = []
+    for spec, slot in zip(specs, slots, strict=True):
+        weights = param_bytes(shape, spec, itemsize)
+        cache = kv if spec.role == "attention" else 0
+        device = f"GPU {slot.gpu}" if gpu else "CPU"
+        rows.append((spec.name, f"node {slot.node}", device, weights, cache))
+        if gpu and weights + cache > clu.gpu_memory_gb * 1e9 * 0.9:
+            problems.append(
+                f"{spec.name}: {weights / 1e9:.1f} GB of weights + {cache / 1e9:.1f} GB of KV cache exceed "
+                f"90% of a {clu.gpu_memory_gb:.0f} GB GPU"
+            )
+    return rows, sorted(set(problems))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    shape = cfg.model_shape()
+    try:
+        rows, problems = plan_rows(cfg)
+    except PlacementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    clu = cfg.cluster
+    nodes = len({r[1] for r in rows})
+    print(f"{cfg.model.name}: {shape.num_parameters / 1e9:.1f}B parameters in {cfg.model.dtype}; "
+          f"{len(rows)} workers per model copy ({clu.attention_shards} attention shards, {clu.routers} routers, "
+          f"{clu.expert_groups} expert groups) on {nodes} node(s), strategy {clu.placement_strategy}")  # fmt: skip
+    print(f"{'actor':<14} {'node':<8} {'device':<7} {'weights':>10} {'KV cache':>10} {'total':>10}")
+    for name, node, device, weights, cache in rows:
+        print(f"{name:<14} {node:<8} {device:<7} {_gb(weights):>10} {_gb(cache):>10} {_gb(weights + cache):>10}")
+    replicas = cfg.serving.max_replicas
+    if clu.device == "cuda":
+        print(f"GPUs per copy: {len(rows)}; for {replicas} replica(s): {len(rows) * replicas} GPUs "
+              f"({clu.gpu_memory_gb:.0f} GB each, {clu.gpus_per_node} per node), plus 1 CPU per replica")  # fmt: skip
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        print("refused: this plan does not fit", file=sys.stderr)
+        return 1
+    print("fits")
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mixtral-cluster",
+        description="Serve Mixtral-style mixture-of-experts models across a Ray cluster "
+        "(attention shards, routers and expert groups as Ray actors, an OpenAI-compatible HTTP API and gRPC).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="start the HTTP + gRPC server (default: tiny model, local mode)",
+                       description="Start Ray Serve with the OpenAI-compatible HTTP API and the gRPC service. "
+                       "Without CONFIG: the tiny model on this machine (configs/tiny.yaml), writing its seeded "
+                       "checkpoint on first run.")  # fmt: skip
+    s.add_argument("config", nargs="?", help="deployment config YAML (default: the packaged configs/tiny.yaml)")
+    s.add_argument("--address", help="Ray cluster to join (e.g. 'auto' on a `ray up` head); default: a local Ray")
+    s.set_defaults(fn=cmd_serve)
+
+    g = sub.add_parser("generate", help="generate text offline (no HTTP server)",
+                       description="Load the model copy of a config and generate one completion.")  # fmt: skip
+    g.add_argument("config", nargs="?", help="deployment config YAML (default: the packaged configs/tiny.yaml)")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in the Mistral chat format")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--single-process", action="store_true", help="run the model in this process, without Ray")
+    g.add_argument("--address", help="Ray cluster to join; default: a local Ray")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("make-tiny", help="write a seeded random checkpoint (HF safetensors layout)",
+                       description="A seeded random checkpoint of a preset (transformers loads it too).")  # fmt: skip
+    m.add_argument("dir", nargs="?", default="checkpoints/tiny", help="output directory (default checkpoints/tiny)")
+    m.add_argument("--preset", default="tiny", choices=preset_names(), help="model shape (default tiny)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    m.set_defaults(fn=cmd_make_tiny)
+
+    pl = sub.add_parser("plan", help="show which actor goes on which node and GPU, and whether it fits",
+                        description="Print the placement of one model copy: actor, node, GPU, weight and KV bytes; "
+                        "exit 1 if the plan does not fit (e.g. bf16 8x22B on too few 80 GB GPUs).")  # fmt: skip
+    pl.add_argument("config", help="deployment config YAML")
+    pl.set_defaults(fn=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.fn(args))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

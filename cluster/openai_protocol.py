@@ -6,11 +6,14 @@ Requests are validated with pydantic; any failure becomes a 400 whose body names
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.engine import SamplingParams
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z-]+\[.*\])$")
 
 
 class _Request(BaseModel):
@@ -100,6 +103,9 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    def __reduce__(self) -> tuple[type[APIError], tuple[int, str, str | None, str | None]]:
+        return APIError, (self.status, self.message, self.param, self.code)  # picklable across Ray
+
     @property
     def kind(self) -> str:
         kinds = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -120,5 +126,7 @@ class APIError(Exception):
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a pydantic error, as a 400 naming its field (dotted path)."""
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    # Union members appear in the path as type tags ("prompt.str", "stop.list[str]"): not fields.
+    path = [str(p) for p in first["loc"] if not (isinstance(p, str) and _TYPE_TAG.match(p))]
+    param = ".".join(path) or None
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value")

@@ -37,7 +37,7 @@ from cluster.llm import LLM
 from cluster.metrics import Metrics
 from cluster.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from cluster.proto import inference_pb2
-from cluster.serve_config import ServeConfig
+from cluster.serve_config import ServeConfig, ensure_checkpoint
 from model.tokenizer import ChatFormatError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class LLMServer:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        ensure_checkpoint(config)  # local mode under `serve run`: the first replica writes it
         eng, clu = config.engine, config.cluster
         pg = ray.util.get_current_placement_group()
         self.llm = LLM(
@@ -334,7 +335,9 @@ def _make_ingress(config: ServeConfig) -> type:
                         model=model_name, usage=_usage_pb(head["prompt_tokens"], completion) if last else None,
                     )  # fmt: skip
             except APIError as e:
+                # A stream's status reaches the client only through an exception once the code is set.
                 _grpc_error(grpc_context, e)
+                raise
 
         async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
             return pb.ListModelsResponse(models=[model_name])

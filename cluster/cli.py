@@ -29,6 +29,7 @@ from cluster.placement import (
     worker_specs,
 )
 from cluster.serve_config import ServeConfig
+from cluster.serve_config import ensure_checkpoint as write_checkpoint_if_missing
 from model.checkpoint import write_random_checkpoint
 from model.config import ModelConfig, preset_names
 
@@ -46,15 +47,9 @@ def _load(path: str | None) -> ServeConfig:
 
 
 def ensure_checkpoint(cfg: ServeConfig) -> None:
-    """Local mode: write the seeded checkpoint the config names, the first time (with a progress bar)."""
-    path = cfg.model.checkpoint
-    if path.is_dir():
-        return
-    if not (cfg.model.write_if_missing and cfg.model.preset):
-        raise SystemExit(f"error: checkpoint {path} does not exist (set model.write_if_missing and model.preset "
-                         "to generate a random one, or point model.checkpoint at real weights)")  # fmt: skip
-    print(f"writing a seeded {cfg.model.preset!r} checkpoint to {path} (first run only)")
-    write_random_checkpoint(ModelConfig.preset(cfg.model.preset), path, seed=cfg.model.seed, progress=True)
+    if not cfg.model.checkpoint.is_dir() and cfg.model.write_if_missing:
+        print(f"writing a seeded {cfg.model.preset!r} checkpoint to {cfg.model.checkpoint} (first run only)")
+    write_checkpoint_if_missing(cfg, progress=True)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -75,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=args.address, logging_level=logging.WARNING)
     else:  # local mode: logical CPU slots for every replica's bundles, the ingress and the proxies
         cpus = sum(b.get("CPU", 0) for b in bundles) * srv.max_replicas + 4
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False,
+                 logging_level=logging.WARNING)  # fmt: skip
     serve.start(
         http_options=HTTPOptions(host=srv.host, port=srv.http_port, request_timeout_s=srv.request_timeout_s),
         grpc_options=gRPCOptions(port=srv.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),

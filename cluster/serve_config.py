@@ -7,6 +7,10 @@ deployments, their placement-group bundles and the replica counts from it, and t
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.placement import Layout, bundles, worker_resources, worker_specs
+from model.checkpoint import write_random_checkpoint
 from model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -82,10 +89,14 @@ class ServeConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} does not exist")
-        return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        """A config file by path, or by the name of a packaged one (`tiny.yaml`, `mixtral-8x22b.yaml`)."""
+        file = Path(path)
+        if not file.is_file():
+            packaged = resources.files("configs").joinpath(file.name)
+            if not packaged.is_file():
+                raise FileNotFoundError(f"config {path} does not exist (nor is it a packaged config)")
+            return cls.model_validate(yaml.safe_load(packaged.read_text()) or {})
+        return cls.model_validate(yaml.safe_load(file.read_text()) or {})
 
     def model_shape(self) -> ModelConfig:
         """The model's shape: from the checkpoint when it exists, else from the preset."""
@@ -99,3 +110,32 @@ class ServeConfig(_Strict):
         """Placement-group bundles of one replica: bundle 0 for the LLMServer itself, then its workers."""
         specs = worker_specs(self.cluster.layout, num_experts)
         return bundles(specs, worker_resources(self.cluster.device), replica_bundle={"CPU": 1.0})
+
+
+def ensure_checkpoint(cfg: ServeConfig, progress: bool | None = None) -> Path:
+    """Local mode: write the seeded checkpoint the config names if it is missing and allowed.
+
+    Written to a temporary sibling and renamed into place, so replicas starting together
+    never see (or leave) a half-written checkpoint.
+    """
+    path = cfg.model.checkpoint
+    if path.is_dir():
+        return path
+    if not (cfg.model.write_if_missing and cfg.model.preset):
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; point model.checkpoint at real weights, or set "
+            "model.preset and model.write_if_missing to generate a seeded random one"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write_random_checkpoint(ModelConfig.preset(cfg.model.preset), tmp, seed=cfg.model.seed, progress=progress)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote a seeded %s checkpoint to %s", cfg.model.preset, path)
+    return path

@@ -48,7 +48,7 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
     if address is None:
         # Local mode: logical CPU slots may exceed the cores (it is for correctness, not speed).
         cpus = max(os.cpu_count() or 1, int(cpus_needed) + 2)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
 

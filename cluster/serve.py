@@ -313,7 +313,7 @@ def _make_ingress(config: ServeConfig) -> type:
 
         async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
             try:
-                gen, head = await self._grpc_start(request)
+                gen, head = await self._grpc_start(request, grpc_context)
                 text, tokens, reason, _ = await self._collect(gen)
             except APIError as e:
                 _grpc_error(grpc_context, e)
@@ -325,7 +325,7 @@ def _make_ingress(config: ServeConfig) -> type:
 
         async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
             try:
-                gen, head = await self._grpc_start(request)
+                gen, head = await self._grpc_start(request, grpc_context)
                 completion = 0
                 async for u in self._updates(gen):
                     completion += len(u["token_ids"])
@@ -340,6 +340,11 @@ def _make_ingress(config: ServeConfig) -> type:
                 raise
 
         async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
+            try:
+                _grpc_authorize(grpc_context, srv.api_key)
+            except APIError as e:
+                _grpc_error(grpc_context, e)
+                return pb.ListModelsResponse()
             return pb.ListModelsResponse(models=[model_name])
 
         async def Health(self, request: Any, grpc_context: Any = None) -> Any:
@@ -349,7 +354,8 @@ def _make_ingress(config: ServeConfig) -> type:
                 return pb.HealthResponse(healthy=False, detail=str(e))
             return pb.HealthResponse(healthy=True, detail="ok")
 
-        async def _grpc_start(self, request: Any) -> tuple[Any, dict[str, Any]]:
+        async def _grpc_start(self, request: Any, grpc_context: Any) -> tuple[Any, dict[str, Any]]:
+            _grpc_authorize(grpc_context, srv.api_key)
             data: dict[str, Any] = {"model": request.model or model_name}
             chat = len(request.messages) > 0
             if chat:
@@ -447,6 +453,15 @@ def _usage_pb(prompt: int, completion: int) -> Any:
 
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                401: grpc.StatusCode.UNAUTHENTICATED, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+
+
+def _grpc_authorize(ctx: Any, api_key: str | None) -> None:
+    """The API key travels as gRPC metadata `authorization: Bearer <key>` (Health needs none)."""
+    if api_key is None:
+        return
+    metadata = dict(ctx.invocation_metadata()) if ctx is not None else {}
+    if metadata.get("authorization", "") != f"Bearer {api_key}":
+        raise APIError(401, "missing or wrong API key (metadata authorization: Bearer <key>)")
 
 
 def _grpc_error(ctx: Any, e: APIError) -> None:

@@ -26,6 +26,7 @@ from tests.helpers import ENGINE_CONFIG
 
 MODEL = "mixtral-tiny"
 KEY = "test-key-123"
+AUTH = [("authorization", f"Bearer {KEY}")]  # gRPC metadata
 
 
 def free_port() -> int:
@@ -264,17 +265,32 @@ def stub(server) -> Iterator[pb_grpc.InferenceStub]:
 
 def test_grpc_unary_and_streaming(stub, reference: LLM) -> None:
     expected = reference.generate(["Hello there"], SamplingParams(max_tokens=6, temperature=0.0))[0]
-    unary = stub.Complete(pb.GenerateRequest(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0))
+    request = pb.GenerateRequest(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0)
+    unary = stub.Complete(request, metadata=AUTH)
     assert unary.text == expected.text and list(unary.token_ids) == expected.token_ids
     assert unary.finish_reason == "length" and unary.usage.total_tokens == len(expected.prompt_token_ids) + 6
-    parts = list(stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=6, temperature=0)))
+    parts = list(stub.Generate(request, metadata=AUTH))
     assert "".join(p.text for p in parts) == expected.text
     assert [t for p in parts for t in p.token_ids] == expected.token_ids
     assert parts[-1].finish_reason == "length" and parts[-1].usage.completion_tokens == 6
-    chat = stub.Complete(pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Hi")], max_tokens=3))
+    chat_request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Hi")], max_tokens=3)
+    chat = stub.Complete(chat_request, metadata=AUTH)
     assert len(chat.token_ids) == 3
-    assert list(stub.ListModels(pb.ListModelsRequest()).models) == [MODEL]
-    assert stub.Health(pb.HealthRequest()).healthy
+    assert list(stub.ListModels(pb.ListModelsRequest(), metadata=AUTH).models) == [MODEL]
+    assert stub.Health(pb.HealthRequest()).healthy  # no key needed, like GET /health
+
+
+def test_grpc_requires_the_api_key(stub) -> None:
+    request = pb.GenerateRequest(prompt="hi", max_tokens=2)
+    calls = (stub.Complete, lambda r, **kw: list(stub.Generate(r, **kw)))
+    for call in calls:
+        for metadata in ([], [("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListModels(pb.ListModelsRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(
@@ -289,8 +305,8 @@ def test_grpc_unary_and_streaming(stub, reference: LLM) -> None:
     ],
 )
 def test_grpc_invalid_argument(stub, request_, field: str) -> None:
-    for call in (stub.Complete, lambda r: list(stub.Generate(r))):
+    for call in (stub.Complete, lambda r, **kw: list(stub.Generate(r, **kw))):
         with pytest.raises(grpc.RpcError) as e:
-            call(request_)
+            call(request_, metadata=AUTH)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in e.value.details()

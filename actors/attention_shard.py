@@ -37,23 +37,32 @@ class AttentionShard(Worker):
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> list[Sampled]:
+        clock = self.clock
+        clock.begin_step()
         batch = plan.batches[self.spec.index]
         self.sampler.drop(batch.finished)
         if not batch.chunks:  # nothing here this step; the router expects no rows from us
+            clock.end_step()
             return []
         m = self.model
-        p = pack(batch, self.device)
-        cache = CacheBatch(self.cache, p.block_tables)
-        cos, sin, attn_plan = m.prepare(p.positions, p.seq_lens, cache)
-        h = m.embed_tokens(p.tokens)  # [T, H]
+        with clock("attention"):
+            p = pack(batch, self.device)
+            cache = CacheBatch(self.cache, p.block_tables)
+            cos, sin, attn_plan = m.prepare(p.positions, p.seq_lens, cache)
+            h = m.embed_tokens(p.tokens)  # [T, H]
         for i, layer in enumerate(m.decoder_layers()):
-            x, moe_in = layer.attention_block(h, cos, sin, attn_plan, cache.layer(i))  # [T, H] each
-            dist.send(moe_in.contiguous(), self.router_rank)
-            moe_out = torch.empty_like(moe_in)  # [T, H]
-            dist.recv(moe_out, self.router_rank)
+            with clock("attention"):
+                x, moe_in = layer.attention_block(h, cos, sin, attn_plan, cache.layer(i))  # [T, H] each
+            with clock("moe_wait"):  # the router, the expert groups and the wires between
+                dist.send(moe_in.contiguous(), self.router_rank)
+                moe_out = torch.empty_like(moe_in)  # [T, H]
+                dist.recv(moe_out, self.router_rank)
             h = x + moe_out
-        logits = m.lm_head(m.norm(h[p.logit_rows]))  # [S', V]
-        return self.sampler.sample(batch, logits)
+        with clock("head"):
+            logits = m.lm_head(m.norm(h[p.logit_rows]))  # [S', V]
+            sampled = self.sampler.sample(batch, logits)
+        clock.end_step()
+        return sampled
 
     def cached_sequences(self) -> int:
         return len(self.sampler)

@@ -39,17 +39,21 @@ class ExpertGroup(Worker):
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> int:
         """Serve every layer of this step; returns the rows processed."""
+        cfg, clock = self.config, self.clock
+        clock.begin_step()
         total = 0
         for ffn in self.model.expert_ffns():
 
             def compute(x: torch.Tensor, expert_ids: torch.Tensor, ffn: ExpertFFN = ffn) -> torch.Tensor:
-                local = self.local_of[expert_ids]  # [N]
-                if bool((local < 0).any()):
-                    raise RuntimeError(f"{self.spec.name} received a row for an expert it does not hold")
-                return ffn(x, local)
+                with clock("expert_ffn"):
+                    local = self.local_of[expert_ids]  # [N]
+                    if bool((local < 0).any()):
+                        raise RuntimeError(f"{self.spec.name} received a row for an expert it does not hold")
+                    return ffn(x, local)
 
-            cfg = self.config
-            total += group_exchange(
-                cfg.hidden_size, self.dtype, self.device, self.num_routers, self.num_groups, self.moe_group, compute
-            )
+            with clock("exchange"):  # includes expert_ffn
+                total += group_exchange(
+                    cfg.hidden_size, self.dtype, self.device, self.num_routers, self.num_groups, self.moe_group, compute
+                )
+        clock.end_step()
         return total

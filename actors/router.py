@@ -44,21 +44,28 @@ class Router(Worker):
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> torch.Tensor:
         """Run every layer's routing for this step; returns tokens per expert [L, E]."""
-        cfg = self.config
+        cfg, clock = self.config, self.clock
+        clock.begin_step()
         sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
         for i, gate in enumerate(self.model.gates()):
-            parts = [torch.empty(n, cfg.hidden_size, dtype=self.dtype, device=self.device) for n in sizes]
-            for rank, buf in zip(self.shard_ranks, parts, strict=True):
-                if buf.shape[0]:
-                    dist.recv(buf, rank)
-            x = torch.cat(parts)  # [T, H]
-            weights, experts = route(gate(x), cfg.experts_per_token)  # [T, K] each
-            counts[i] += torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts)
-            y = router_exchange(x, experts, self.group_of, self.num_routers, self.num_groups, self.moe_group)
-            out = combine(y, weights)  # [T, H]
-            for rank, part in zip(self.shard_ranks, torch.split(out, sizes), strict=True):
-                if part.shape[0]:
-                    dist.send(part.contiguous(), rank)
+            with clock("shard_recv"):
+                parts = [torch.empty(n, cfg.hidden_size, dtype=self.dtype, device=self.device) for n in sizes]
+                for rank, buf in zip(self.shard_ranks, parts, strict=True):
+                    if buf.shape[0]:
+                        dist.recv(buf, rank)
+            with clock("gating"):
+                x = torch.cat(parts)  # [T, H]
+                weights, experts = route(gate(x), cfg.experts_per_token)  # [T, K] each
+                counts[i] += torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts)
+            with clock("exchange"):  # includes the expert groups' compute
+                y = router_exchange(x, experts, self.group_of, self.num_routers, self.num_groups, self.moe_group)
+            with clock("gating"):
+                out = combine(y, weights)  # [T, H]
+            with clock("shard_send"):
+                for rank, part in zip(self.shard_ranks, torch.split(out, sizes), strict=True):
+                    if part.shape[0]:
+                        dist.send(part.contiguous(), rank)
         self.total_counts += counts
+        clock.end_step()
         return counts

@@ -11,6 +11,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from actors.profiling import PhaseClock
 from cluster.placement import WorkerSpec, spec_weight_names
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
@@ -18,6 +19,34 @@ from model.loader import load_into
 from model.mixtral import Mixtral
 
 logger = logging.getLogger(__name__)
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port, for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = int(s.getsockname()[1])
+    return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
+
+
+def init_data_plane(
+    device: torch.device,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    moe_ranks: list[int],
+    timeout_s: float,
+) -> Any:
+    """The world process group (NCCL on GPU, gloo on CPU) and the router + expert-group sub-group."""
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.new_group(moe_ranks)
 
 
 class Worker:
@@ -52,28 +81,20 @@ class Worker:
         )
         self.keys_read = list(ckpt.keys_read)
         self.moe_group: Any = None
+        self.clock = PhaseClock(self.device)
         logger.info("%s loaded %d tensors", spec.name, len(self.keys_read))
 
     # ---- set-up and reports (control plane) ------------------------------------------------
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port for the process group's rendezvous (asked of rank 0)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            port = int(s.getsockname()[1])
-        return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
+        return free_address()
 
     def join(self, master_addr: str, master_port: int, world_size: int, moe_ranks: list[int], timeout_s: float) -> None:
         """Form the data plane: the world group, and the router + expert-group sub-group (every rank calls it)."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=self.spec.rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+        self.moe_group = init_data_plane(
+            self.device, master_addr, master_port, self.spec.rank, world_size, moe_ranks, timeout_s
         )
-        self.moe_group = dist.new_group(moe_ranks)
 
     def where(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -91,3 +112,12 @@ class Worker:
 
     def ping(self) -> bool:
         return True
+
+    def profile(self, on: bool) -> None:
+        """Start (or stop) recording seconds per phase of each step."""
+        self.clock.enabled = on
+        self.clock.take()
+
+    def step_times(self) -> list[dict[str, float]]:
+        """One record per step since the last call: seconds per phase and `total`."""
+        return self.clock.take()

@@ -5,6 +5,7 @@ mixtral-cluster serve configs/mixtral-8x22b.yaml --address auto
 mixtral-cluster generate --prompt "Hello" --max-tokens 32
 mixtral-cluster make-tiny checkpoints/tiny
 mixtral-cluster plan configs/mixtral-8x22b.yaml
+mixtral-cluster bench --quick --json bench/quick.json
 """
 
 from __future__ import annotations
@@ -211,6 +212,15 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+# ---- bench -----------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(parsed=args)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -257,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit 1 if the plan does not fit (e.g. bf16 8x22B on too few 80 GB GPUs).")  # fmt: skip
     pl.add_argument("config", help="deployment config YAML")
     pl.set_defaults(fn=cmd_plan)
+
+    from benchmarks.run import build_parser as bench_parser
+
+    b = sub.add_parser("bench", help="benchmark throughput, latency, step breakdown and roofline",
+                       description="Measure, side by side in one run: transformers vs the single-process engine "
+                       "vs the cluster (throughput), HTTP serving latency, the cluster's step breakdown and the "
+                       "memory-bandwidth roofline. Writes JSON, Markdown and PNG plots with --json.")  # fmt: skip
+    bench_parser(b)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -10,6 +10,7 @@ from a background thread for streaming.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -132,6 +133,8 @@ class Engine:
         self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self.steps = 0
+        self.profile = False  # when set, `step_records` gets one entry per step
+        self.step_records: list[dict[str, float]] = []
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -176,6 +179,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one step on the backend, and report every request that changed."""
+        started = time.perf_counter()
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
             return []
@@ -183,7 +187,9 @@ class Engine:
         self._drops = [[] for _ in range(self.backend.num_shards)]
         for c in schedule.chunks:
             batches[c.seq.shard].chunks.append(self._chunk(c))
+        executed = time.perf_counter()
         sampled, counts = self.backend.execute(batches)
+        returned = time.perf_counter()
         self.expert_counts += counts
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
@@ -193,6 +199,14 @@ class Engine:
                 req = self.requests.get(s.request_id)
                 if req is not None:
                     outputs.append(self._append(req, s))
+        if self.profile:
+            self.step_records.append({
+                "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included
+                "execute": returned - executed,  # the backend's part
+                "tokens": sum(c.end - c.start for c in schedule.chunks),
+                "seqs": len(schedule.chunks),
+                "decode": all(c.end - c.start == 1 for c in schedule.chunks),
+            })  # fmt: skip
         return outputs
 
     def _chunk(self, c: Chunk) -> SeqChunk:

@@ -308,6 +308,33 @@ class LLM:
             }
         )
 
+    def profile(self, on: bool = True) -> None:
+        """Start (or stop) recording per-step timings: the engine's and, on Ray, each worker's phases."""
+
+        def switch() -> None:
+            self.engine.profile = on
+            self.engine.step_records.clear()
+            if hasattr(self.backend, "call_all"):
+                self.backend.call_all("profile", on)
+
+        self._loop.call(switch)
+
+    def step_profile(self) -> dict[str, Any]:
+        """Records since `profile(True)`, one per step: {"engine": [...], "workers": {name: [...]}}.
+
+        Every worker runs every step, so the i-th record of each list is the same step."""
+
+        def take() -> dict[str, Any]:
+            engine, self.engine.step_records = self.engine.step_records, []
+            workers: dict[str, Any] = {}
+            backend: Any = self.backend
+            if hasattr(backend, "call_all"):  # RayBackend
+                names = [s.name for s in backend.specs]
+                workers = dict(zip(names, backend.call_all("step_times"), strict=True))
+            return {"engine": engine, "workers": workers}
+
+        return self._loop.call(take)
+
     @property
     def error(self) -> str | None:
         return self._loop.error

@@ -211,9 +211,9 @@ class RayBackend:
 
     # ---- reports and shutdown ----------------------------------------------------------------
 
-    def call_all(self, method: str, timeout_s: float = 60.0) -> list[Any]:
-        """Call a report method (`where`, `loaded`, ...) on every worker, in rank order."""
-        return self._get([getattr(a, method).remote() for a in self.actors], timeout_s, method)
+    def call_all(self, method: str, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+        """Call a report method (`where`, `loaded`, `profile`, `step_times`, ...) on every worker, in rank order."""
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], timeout_s, method)
 
     def shutdown(self) -> None:
         for a in self.actors:

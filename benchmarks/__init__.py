@@ -1,0 +1,1 @@
+"""Benchmarks of mixtral-cluster: `mixtral-cluster bench` (see benchmarks/run.py and BENCHMARKS.md)."""

@@ -1,0 +1,121 @@
+"""The benchmark's outputs: a Markdown table and PNG plots next to the JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.breakdown import PARTS
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["setup"]
+    tp = r["throughput_tok_s"]
+    lines = [
+        f"# Benchmark: {s['preset'] or s['checkpoint']} ({s['parameters'] / 1e6:.0f}M parameters, {s['dtype']}, "
+        f"{s['device']})",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        f"Workload: {s['prompts']} prompts of {s['min_len']}-{s['max_len']} tokens x {s['new_tokens']} new tokens, "
+        f"greedy; cluster layout A={s['layout'][0]} R={s['layout'][1]} G={s['layout'][2]}.",
+        "",
+        "## Offline throughput",
+        "",
+        "| system | tokens/s | seconds | vs transformers |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name in (n for n in ("hf", "single", "cluster") if n in tp):
+        ratio = f"{tp[name] / tp['hf']:.2f}x" if "hf" in tp else ""
+        lines.append(f"| {_SYSTEMS[name]} | {tp[name]:.1f} | {r['throughput_seconds'][name]:.2f} | {ratio} |")
+    for name, a in r["agreement"].items():
+        lines.append(
+            f"\nGreedy outputs, {name}: {a['identical']}/{a['prompts']} prompts identical "
+            f"(mean agreeing prefix {100 * a['mean_prefix_share']:.1f}%)."
+        )
+    lat = r.get("latency", [])
+    if lat:
+        lines += ["", "## Serving latency (HTTP, streamed)", "",
+                  "| concurrency | requests | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | req/s | tokens/s |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for row in lat:
+            lines.append(
+                f"| {row['concurrency']} | {row['requests']} | {row['ttft_ms']['p50']:.1f} | "
+                f"{row['ttft_ms']['p95']:.1f} | {row['itl_ms']['p50']:.1f} | {row['itl_ms']['p95']:.1f} | "
+                f"{row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} |"
+            )
+    b = r.get("breakdown")
+    if b:
+        lines += ["", f"## Cluster decode step ({b['tokens_per_step']:.0f} tokens per step, {b['steps']} steps)", "",
+                  "| part | ms per step | share |", "| --- | ---: | ---: |"]  # fmt: skip
+        for part in PARTS:
+            lines.append(f"| {part} | {b[part]:.2f} | {100 * b[part] / b['step']:.1f}% |")
+        lines.append(f"| **step** | {b['step']:.2f} | 100% |")
+        c = r["collectives"]
+        lines.append(
+            f"\nData plane per layer: {c['data_plane_per_layer_ms']:.3f} ms in the cluster vs "
+            f"{c['raw_per_layer_ms']:.3f} ms for the same collectives alone: {c['ratio']:.2f}x."
+        )
+    rf = r.get("roofline")
+    if rf:
+        lines += ["", "## Roofline (single process, batch 1 decode)", "",
+                  f"{rf['bytes_per_step'] / 1e6:.1f} MB of weights per step / {rf['bandwidth_gb_s']:.1f} GB/s "
+                  f"measured copy bandwidth = {rf['floor_ms']:.2f} ms floor; measured {rf['measured_ms']:.2f} ms "
+                  f"per step = {rf['ratio']:.2f}x the floor."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+_SYSTEMS = {"hf": "transformers generate (padded batch)", "single": "single-process engine", "cluster": "cluster"}
+
+
+def plots(r: dict[str, Any], stem: Path) -> list[Path]:
+    """PNG plots: throughput per system, latency percentiles per concurrency, the step breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tp = r["throughput_tok_s"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [n for n in ("hf", "single", "cluster") if n in tp]
+    ax.bar([_SYSTEMS[n].split(" (")[0] for n in names], [tp[n] for n in names], color=["#888", "#2a7", "#27a"])
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("Offline throughput")
+    written.append(_save(fig, stem.with_name(stem.name + "-throughput.png")))
+
+    lat = r.get("latency", [])
+    if lat:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        conc = [row["concurrency"] for row in lat]
+        for key, style in (("ttft_ms", "-o"), ("itl_ms", "-s")):
+            for q in ("p50", "p95"):
+                ax.plot(conc, [row[key][q] for row in lat], style, label=f"{key.split('_')[0].upper()} {q}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ms")
+        ax.set_title("Serving latency")
+        ax.legend()
+        written.append(_save(fig, stem.with_name(stem.name + "-latency.png")))
+
+    b = r.get("breakdown")
+    if b:
+        fig, ax = plt.subplots(figsize=(6, 2.5))
+        left = 0.0
+        for part in PARTS:
+            ax.barh([0], [b[part]], left=left, label=part)
+            left += b[part]
+        ax.set_yticks([])
+        ax.set_xlabel("ms per decode step")
+        ax.set_title("Cluster step breakdown")
+        ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        written.append(_save(fig, stem.with_name(stem.name + "-breakdown.png")))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path

@@ -1,0 +1,82 @@
+"""Offline throughput, side by side on the same weights and prompts: transformers' batched
+`generate` (padded), our single-process engine, and our cluster in local mode.
+
+Every system generates exactly `new_tokens` greedy tokens per prompt (end-of-sequence ignored),
+so the outputs can be compared token for token and tokens/s means the same thing for all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.engine import SamplingParams
+from cluster.llm import LLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    seconds: float
+    outputs: list[list[int]]  # generated token ids per prompt
+
+    def tokens_per_s(self) -> float:
+        return sum(len(o) for o in self.outputs) / self.seconds
+
+
+def greedy(new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+
+def run_engine(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Run:
+    """Our engine (either backend), after a short warm-up."""
+    llm.generate([prompts[0][:8]], greedy(2))
+    start = time.perf_counter()
+    outs = llm.generate(prompts, greedy(new_tokens))
+    seconds = time.perf_counter() - start
+    return Run(seconds, [o.token_ids for o in outs])
+
+
+def run_hf(checkpoint: Path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype, device: str) -> Run:
+    """transformers' `MixtralForCausalLM.generate`, all prompts in one left-padded batch."""
+    from transformers import GenerationConfig, MixtralForCausalLM
+
+    model: Any = MixtralForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    model = model.to(device).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, P] left-padded with 0
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, P]
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    make: Any = GenerationConfig
+    cfg = make(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)  # no early stop
+    warm = make(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:1, -8:].to(device), attention_mask=mask[:1, -8:].to(device), generation_config=warm)
+        start = time.perf_counter()
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=cfg)  # [B, P+N]
+        seconds = time.perf_counter() - start
+    return Run(seconds, [row.tolist() for row in out[:, width:].cpu()])
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, float | int]:
+    """How far two systems' greedy outputs agree: identical prompts, and the mean agreeing prefix."""
+    same = sum(a == b for a, b in zip(reference, other, strict=True))
+    prefix = [_common_prefix(a, b) / max(len(a), 1) for a, b in zip(reference, other, strict=True)]
+    return {"identical": same, "prompts": len(reference), "mean_prefix_share": sum(prefix) / len(prefix)}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

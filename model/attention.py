@@ -89,15 +89,33 @@ def plan_attention(
             groups.append(AttentionGroup(rows[None], k_index[None], _mask(q_pos[None], k_pos[None], window)))
         start += n
 
-    if singles:
-        rows = torch.tensor([r for r, _, _ in singles], dtype=torch.long, device=device)[:, None]  # [S, 1]
-        k_index = nn.utils.rnn.pad_sequence([k for _, k, _ in singles], batch_first=True)  # [S, Tk]
+    for bucket in _length_buckets(singles):
+        rows = torch.tensor([r for r, _, _ in bucket], dtype=torch.long, device=device)[:, None]  # [S, 1]
+        k_index = nn.utils.rnn.pad_sequence([k for _, k, _ in bucket], batch_first=True)  # [S, Tk]
         # Padded keys are placed in the far future, so the causal test alone hides them.
-        k_pos = nn.utils.rnn.pad_sequence([p for _, _, p in singles], batch_first=True, padding_value=_FUTURE)
+        k_pos = nn.utils.rnn.pad_sequence([p for _, _, p in bucket], batch_first=True, padding_value=_FUTURE)
         q_pos = positions[rows[:, 0]][:, None]  # [S, 1]
         groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window)))
     slots = torch.cat(write_slots) if block_tables is not None else None
     return AttentionPlan(groups, slots)
+
+
+def _length_buckets(
+    singles: list[tuple[int, torch.Tensor, torch.Tensor]], min_fill: float = 0.75
+) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Decode sequences grouped by key count, so that padding stays under 1 - `min_fill` of a group.
+
+    One padded group for all would gather (and attend over) every sequence at the longest one's
+    length; with prompts of 8-512 tokens that is about half padding.
+    """
+    ordered = sorted(singles, key=lambda s: -s[1].shape[0])
+    buckets: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
+    for item in ordered:
+        if buckets and item[1].shape[0] >= min_fill * buckets[-1][0][1].shape[0]:
+            buckets[-1].append(item)
+        else:
+            buckets.append([item])
+    return buckets
 
 
 def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int, seq: int) -> torch.Tensor:

@@ -107,3 +107,17 @@ def test_sequences_never_see_each_other(checkpoint_factory) -> None:
     # Changing b moves b's logits by O(1) and a's only by GEMM rounding.
     assert (one[:6] - two[:6]).abs().max().item() < 1e-5
     assert (one[6:] - two[6:]).abs().max().item() > 0.1
+
+
+def test_decode_sequences_are_grouped_by_length_with_little_padding() -> None:
+    """Decode tokens of very different lengths are not all padded to the longest."""
+    lengths = [40, 3, 36, 12, 10, 31]
+    blocks = [list(range(i * 10, i * 10 + 10)) for i in range(len(lengths))]  # 10 blocks of 4 each
+    positions = torch.tensor([n - 1 for n in lengths])
+    plan = plan_attention(positions, [1] * len(lengths), None, blocks, 4)
+    rows = sorted(int(r) for g in plan.groups for r in g.q_rows[:, 0])
+    assert rows == list(range(len(lengths)))  # every sequence in exactly one group
+    for g in plan.groups:
+        keys = [lengths[int(r)] for r in g.q_rows[:, 0]]
+        assert min(keys) >= 0.75 * max(keys) and g.k_index.shape[1] == max(keys)
+    assert len(plan.groups) == 3  # {40, 36, 31}, {12, 10}, {3}

@@ -62,6 +62,7 @@ def decode_breakdown(profile: dict[str, Any]) -> dict[str, float]:
     if not rows:
         raise ValueError("no decode steps were recorded")
     out = {k: 1000 * statistics.fmean(r[k] for r in rows) for k in (*PARTS, "step")}
+    out["data_plane_median"] = 1000 * statistics.median(r["data_plane"] for r in rows)
     out["steps"] = len(rows)
     out["tokens_per_step"] = statistics.fmean(r["tokens"] for r in rows)
     return out

@@ -28,6 +28,13 @@ def markdown(r: dict[str, Any]) -> str:
     for name in (n for n in ("hf", "single", "cluster") if n in tp):
         ratio = f"{tp[name] / tp['hf']:.2f}x" if "hf" in tp else ""
         lines.append(f"| {_SYSTEMS[name]} | {tp[name]:.1f} | {r['throughput_seconds'][name]:.2f} | {ratio} |")
+    if "hf_prefill_seconds" in r and "single_steps" in r:
+        st = r["single_steps"]
+        lines.append(
+            f"\nWhere the time goes: transformers' padded prefill alone takes {r['hf_prefill_seconds']:.2f} s of its "
+            f"run; the single-process engine spends {st['prefill_seconds']:.2f} s in {st['prefill_steps']} prefill "
+            f"steps and {st['decode_seconds']:.2f} s in {st['decode_steps']} decode steps."
+        )
     for name, a in r["agreement"].items():
         lines.append(
             f"\nGreedy outputs, {name}: {a['identical']}/{a['prompts']} prompts identical "
@@ -53,7 +60,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| **step** | {b['step']:.2f} | 100% |")
         c = r["collectives"]
         lines.append(
-            f"\nData plane per layer: {c['data_plane_per_layer_ms']:.3f} ms in the cluster vs "
+            f"\nData plane per layer (medians): {c['data_plane_per_layer_ms']:.3f} ms in the cluster vs "
             f"{c['raw_per_layer_ms']:.3f} ms for the same collectives alone: {c['ratio']:.2f}x."
         )
     rf = r.get("roofline")
@@ -101,7 +108,7 @@ def plots(r: dict[str, Any], stem: Path) -> list[Path]:
 
     b = r.get("breakdown")
     if b:
-        fig, ax = plt.subplots(figsize=(6, 2.5))
+        fig, ax = plt.subplots(figsize=(8, 2.5))
         left = 0.0
         for part in PARTS:
             ax.barh([0], [b[part]], left=left, label=part)
@@ -109,13 +116,13 @@ def plots(r: dict[str, Any], stem: Path) -> list[Path]:
         ax.set_yticks([])
         ax.set_xlabel("ms per decode step")
         ax.set_title("Cluster step breakdown")
-        ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         written.append(_save(fig, stem.with_name(stem.name + "-breakdown.png")))
     return written
 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     fig.clf()
     return path

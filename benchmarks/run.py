@@ -31,8 +31,8 @@ from model.config import ModelConfig, preset_names
 
 logger = logging.getLogger("mixtral_cluster.bench")
 
-QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8}
-FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16}
+QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1}
+FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2}
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -85,11 +85,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if "hf" not in args.skip:
         logger.info("transformers generate: %d prompts x %d tokens", n_prompts, new_tokens)
-        runs["hf"] = throughput.run_hf(ckpt, prompts, new_tokens, dtype, args.device)
+        runs["hf"] = throughput.run_hf(ckpt, prompts, new_tokens, dtype, args.device, size["repeats"])
+        result["hf_prefill_seconds"] = runs["hf"].prefill_seconds
 
     logger.info("single-process engine")
     with LLM(ckpt, single_process=True, dtype=dtype, device=args.device, kv_cache_bytes=kv_bytes) as single:
-        runs["single"] = throughput.run_engine(single, prompts, new_tokens)
+        runs["single"] = throughput.run_engine(single, prompts, new_tokens, size["repeats"])
+        single.profile(True)  # where the single-process run's time goes: prefill vs decode steps
+        single.generate(prompts, throughput.greedy(new_tokens))
+        steps = single.step_profile()["engine"]
+        single.profile(False)
+        result["single_steps"] = {
+            "prefill_seconds": sum(r["wall"] for r in steps if not r["decode"]),
+            "decode_seconds": sum(r["wall"] for r in steps if r["decode"]),
+            "prefill_steps": sum(not r["decode"] for r in steps), "decode_steps": sum(r["decode"] for r in steps),
+        }  # fmt: skip
         if "roofline" not in args.skip:
             logger.info("roofline: batch-1 decode against the memory bandwidth")
             itemsize = torch.empty((), dtype=dtype).element_size()
@@ -106,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # this process only drives the engine now; the workers compute
     a, r, g = args.layout
     with LLM(ckpt, a, r, g, device=args.device, dtype=dtype, kv_cache_bytes=kv_bytes) as cluster:
-        runs["cluster"] = throughput.run_engine(cluster, prompts, new_tokens)
+        runs["cluster"] = throughput.run_engine(cluster, prompts, new_tokens, size["repeats"])
         logger.info("cluster decode-step breakdown")
         batch = mixed_prompts(size["decode_batch"], 16, 16, config.vocab_size, seed=1)  # one prefill step, then decode
         cluster.generate(batch[:1], throughput.greedy(2))
@@ -115,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["breakdown"] = breakdown.decode_breakdown(cluster.step_profile())
         cluster.profile(False)
     raw = breakdown.raw_collectives_ms(config, layout, size["decode_batch"], dtype, args.device)
-    per_layer = result["breakdown"]["data_plane"] / config.num_layers
+    per_layer = result["breakdown"]["data_plane_median"] / config.num_layers  # medians, as the raw figure
     result["collectives"] = {"data_plane_per_layer_ms": per_layer, "raw_per_layer_ms": raw, "ratio": per_layer / raw}
 
     for name, r in runs.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from datetime import timedelta
 from typing import Any
@@ -100,6 +101,7 @@ class Worker:
         ctx = ray.get_runtime_context()
         return {
             "name": self.spec.name,
+            "pid": os.getpid(),
             "node_id": ctx.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "placement_group_id": ctx.get_placement_group_id(),

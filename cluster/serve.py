@@ -141,9 +141,15 @@ class LLMServer:
         return s | {"replica": self.replica, "expert_tokens": self.llm.expert_token_counts().tolist()}
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy (and Serve replaces it)."""
+        """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it
+        with a fresh one (new workers, weights reloaded) while the others keep serving."""
         if self.llm.error:
             raise RuntimeError(self.llm.error)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Where each worker of this model copy runs: name, pid, node, GPUs."""
+        backend: Any = self.llm.backend
+        return backend.call_all("where") if hasattr(backend, "call_all") else []
 
     def __del__(self) -> None:
         llm = getattr(self, "llm", None)
@@ -167,7 +173,7 @@ def build_app(config: ServeConfig) -> Any:
             "max_replicas": srv.max_replicas,
             "target_ongoing_requests": srv.target_ongoing_requests,
         },
-        health_check_period_s=10,
+        health_check_period_s=srv.health_check_period_s,
         health_check_timeout_s=60,
     )
     ingress: Any = serve.deployment(_make_ingress(config), name="Ingress", max_ongoing_requests=10_000)
@@ -250,12 +256,12 @@ def _make_ingress(config: ServeConfig) -> type:
                                    param="model", code="model_not_found")  # fmt: skip
                 internal = _internal(req, chat)
                 gen: Any = self.llm.options(stream=True).stream.remote(internal)
-                head = await gen.__anext__()
+                head = await _head(gen)
                 if "error" in head:
                     raise APIError.from_dict(head["error"])
             except APIError as e:
                 self.counters.requests.labels(route, str(e.status)).inc()
-                return _error(e)
+                return _error(e, srv.retry_after_s)
             self.counters.requests.labels(route, "200").inc()
             self.counters.prompt_tokens.inc(head["prompt_tokens"])
             meta = _Meta(internal["id"], model_name, head["replica"], head["prompt_tokens"], chat)
@@ -264,7 +270,7 @@ def _make_ingress(config: ServeConfig) -> type:
             try:
                 text, tokens, reason, logprobs = await self._collect(gen)
             except APIError as e:
-                return _error(e)
+                return _error(e, srv.retry_after_s)
             return JSONResponse(meta.full(text, tokens, reason, logprobs))
 
         async def _updates(self, gen: Any) -> AsyncIterator[dict[str, Any]]:
@@ -272,7 +278,7 @@ def _make_ingress(config: ServeConfig) -> type:
             start = last = time.monotonic()
             first = True
             try:
-                async for update in gen:
+                async for update in _guarded(gen):
                     if "error" in update:
                         raise APIError.from_dict(update["error"])
                     now = time.monotonic()
@@ -371,7 +377,7 @@ def _make_ingress(config: ServeConfig) -> type:
             if req.model != model_name:
                 raise APIError(404, f"model {req.model!r} does not exist; this server has {model_name!r}", "model")
             gen: Any = self.llm.options(stream=True).stream.remote(_internal(req, chat))
-            head = await gen.__anext__()
+            head = await _head(gen)
             if "error" in head:
                 raise APIError.from_dict(head["error"])
             return gen, head
@@ -421,6 +427,31 @@ class _Meta:
         return self._base(obj) | {"choices": [], "usage": self.usage(completion)}
 
 
+async def _head(gen: Any) -> dict[str, Any]:
+    """The model copy's first answer to a request (its prompt size, or its error)."""
+    try:
+        first: dict[str, Any] = await gen.__anext__()
+    except StopAsyncIteration as e:
+        raise APIError(503, "the model copy ended the request without an answer", code="engine_unavailable") from e
+    except Exception as e:
+        raise _unavailable(e) from e
+    return first
+
+
+async def _guarded(gen: Any) -> AsyncIterator[dict[str, Any]]:
+    """A model copy's stream, with its failures (replica died, Serve's queue full) as 503s, not 500s."""
+    try:
+        async for item in gen:
+            yield item
+    except Exception as e:
+        raise _unavailable(e) from e
+
+
+def _unavailable(e: Exception) -> APIError:
+    logger.warning("a model copy failed a request: %s", type(e).__name__)
+    return APIError(503, "the model copy serving this request is unavailable; retry shortly", code="engine_unavailable")
+
+
 def _parse(data: dict[str, Any], chat: bool) -> CompletionRequest | ChatCompletionRequest:
     try:
         return (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
@@ -439,8 +470,10 @@ def _internal(req: CompletionRequest | ChatCompletionRequest, chat: bool) -> dic
     return out
 
 
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def _error(e: APIError, retry_after_s: int = 10) -> JSONResponse:
+    """The OpenAI error body; 429 and 503 say when to come back (`Retry-After`)."""
+    headers = {"Retry-After": str(retry_after_s)} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _sse(payload: dict[str, Any]) -> str:

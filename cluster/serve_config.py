@@ -73,6 +73,8 @@ class ServingSection(_Strict):
     target_ongoing_requests: float = Field(default=16.0, gt=0)  # autoscaling target per copy
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    health_check_period_s: float = Field(default=5.0, gt=0)  # a copy whose worker died is replaced this soon
+    retry_after_s: int = Field(default=10, ge=1)  # the Retry-After of 503 (copy rebuilding) and 429 answers
 
     @model_validator(mode="after")
     def _replicas(self) -> ServingSection:

@@ -22,6 +22,17 @@ from model.mixtral import Mixtral
 logger = logging.getLogger(__name__)
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def free_address() -> tuple[str, int]:
     """This node's IP and a free TCP port, for a process group's rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -102,6 +113,7 @@ class Worker:
         return {
             "name": self.spec.name,
             "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
             "node_id": ctx.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "placement_group_id": ctx.get_placement_group_id(),

@@ -175,6 +175,11 @@ class Engine:
     def blocks_in_use(self) -> int:
         return self.scheduler.blocks_in_use()
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache of all shards holds at once."""
+        return sum(a.num_blocks for a in self.scheduler.allocators) * self.scheduler.block_size
+
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -30,8 +30,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from actors.worker import rss_bytes
 from cluster.engine import EngineError, SamplingParams
 from cluster.llm import LLM
 from cluster.metrics import Metrics
@@ -75,6 +77,8 @@ class LLMServer:
             bundle_offset=1 if pg is not None else 0,
         )
         self.max_model_len = self.llm.engine.max_model_len
+        self.token_budget = int(self.llm.engine.kv_capacity_tokens * eng.kv_overcommit)
+        self.demand = 0  # prompt + max_tokens of the requests admitted and not finished
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (tests constructing it directly)
@@ -118,8 +122,15 @@ class LLMServer:
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """First {"prompt_tokens", "replica"} (or {"error"}), then one dict per update."""
+        need = 0
         try:
             prompt, params = self._admit(req)
+            need = len(prompt) + params.max_tokens
+            if self.demand + need > self.token_budget and self.demand > 0:
+                need = 0
+                raise APIError(429, "this model copy is at capacity (KV cache and queue); retry shortly",
+                               code="overloaded")  # fmt: skip
+            self.demand += need
             updates = self.llm.stream(prompt, params, request_id=f"{req['id']}")
             yield {"prompt_tokens": len(prompt), "replica": self.replica}
             async for out in updates:
@@ -135,10 +146,17 @@ class LLMServer:
             yield {"error": APIError(400, str(e), param="max_tokens", code="invalid_value").to_dict()}
         except EngineError as e:
             yield {"error": APIError(503, str(e), code="engine_unavailable").to_dict()}
+        finally:
+            self.demand -= need
 
     def stats(self) -> dict[str, Any]:
         s = self.llm.stats()
-        return s | {"replica": self.replica, "expert_tokens": self.llm.expert_token_counts().tolist()}
+        return s | {
+            "replica": self.replica,
+            "expert_tokens": self.llm.expert_token_counts().tolist(),
+            "admitted_tokens": self.demand,
+            "rss_bytes": rss_bytes(),
+        }
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it
@@ -168,6 +186,7 @@ def build_app(config: ServeConfig) -> Any:
         placement_group_strategy=config.cluster.placement_strategy,
         ray_actor_options={"num_cpus": 0},  # bundle 0 is the replica's; its CPU is for the engine loop
         max_ongoing_requests=srv.max_ongoing_requests,
+        max_queued_requests=srv.max_queued_requests,
         autoscaling_config={
             "min_replicas": srv.min_replicas,
             "max_replicas": srv.max_replicas,
@@ -448,6 +467,8 @@ async def _guarded(gen: Any) -> AsyncIterator[dict[str, Any]]:
 
 
 def _unavailable(e: Exception) -> APIError:
+    if isinstance(e, BackPressureError):
+        return APIError(429, "every model copy is at capacity (queue full); retry shortly", code="overloaded")
     logger.warning("a model copy failed a request: %s", type(e).__name__)
     return APIError(503, "the model copy serving this request is unavailable; retry shortly", code="engine_unavailable")
 
@@ -485,7 +506,8 @@ def _usage_pb(prompt: int, completion: int) -> Any:
 
 
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-               401: grpc.StatusCode.UNAUTHENTICATED, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+               401: grpc.StatusCode.UNAUTHENTICATED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+               503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
 
 
 def _grpc_authorize(ctx: Any, api_key: str | None) -> None:

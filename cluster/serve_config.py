@@ -60,6 +60,9 @@ class EngineSection(_Strict):
     max_seqs: int = Field(default=64, ge=1)
     max_model_len: int | None = Field(default=None, ge=2)
     step_timeout_s: float = Field(default=300.0, gt=0)
+    # Admission: the prompt + max_tokens of the requests a copy holds may add up to this many times
+    # its KV capacity (the excess waits in its queue); beyond it, new requests get 429.
+    kv_overcommit: float = Field(default=4.0, gt=0)
 
 
 class ServingSection(_Strict):
@@ -70,6 +73,7 @@ class ServingSection(_Strict):
     min_replicas: int = Field(default=1, ge=1)  # one replica = one model copy
     max_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=64, ge=1)  # per model copy
+    max_queued_requests: int = Field(default=256, ge=1)  # waiting for a copy; beyond it, 429 at once
     target_ongoing_requests: float = Field(default=16.0, gt=0)  # autoscaling target per copy
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)

@@ -1,0 +1,203 @@
+"""Property-based fuzzing of the HTTP API and the gRPC service (hypothesis): thousands of generated
+requests, from random bytes to nearly valid OpenAI bodies, must never get a 5xx (gRPC: never
+INTERNAL or UNKNOWN), every refusal must carry an error body, and the server must stay up."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from cluster.proto import inference_pb2 as pb
+from cluster.proto import inference_pb2_grpc as pb_grpc
+from cluster.serve import build_app
+from cluster.serve_config import ServeConfig
+from tests.helpers import ENGINE_CONFIG
+
+MODEL = "mixtral-tiny"
+SEEN: Counter[int] = Counter()  # HTTP statuses the fuzzing got, checked at the end
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_factory) -> Iterator[dict[str, str]]:
+    ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
+    http_port, grpc_port = free_port(), free_port()
+    cfg = ServeConfig.model_validate({
+        "model": {"checkpoint": str(ckpt), "name": MODEL},
+        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2},
+        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 48},  # long asks are refused fast
+        "serving": {"http_port": http_port, "grpc_port": grpc_port, "max_body_bytes": 4096},
+    })  # fmt: skip
+    ray.init(num_cpus=32, include_dashboard=False)
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(
+            port=grpc_port, grpc_servicer_functions=["cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"]
+        ),
+    )
+    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server["url"], timeout=60) as client:
+        yield client
+
+
+# ---- strategies --------------------------------------------------------------------------------
+
+json_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+)  # fmt: skip
+json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=8), inner, max_size=4), max_leaves=10)  # fmt: skip
+small_int = st.integers(min_value=-3, max_value=40)
+token_ids = st.lists(st.integers(min_value=-5, max_value=40000), max_size=12)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Valid values three times in four, any JSON otherwise: deep paths get exercised too."""
+    return st.one_of(valid, valid, valid, json_value)
+
+
+message = st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["system", "user", "assistant", "tool", "", "USER"])),
+     "content": mostly(st.text(max_size=30))},
+    optional={"name": json_scalar},
+)  # fmt: skip
+conversation = st.lists(message, max_size=3).map(lambda ms: [*ms, {"role": "user", "content": "hi"}])
+FIELDS = {
+    "max_tokens": mostly(st.integers(min_value=1, max_value=6) | small_int),
+    "temperature": mostly(st.floats(min_value=0, max_value=2) | st.floats(min_value=-1, max_value=3)),
+    "top_p": mostly(st.floats(min_value=0.01, max_value=1) | st.floats(min_value=-0.5, max_value=1.5)),
+    "top_k": mostly(small_int),
+    "seed": mostly(st.integers(min_value=0, max_value=2**31) | st.integers(min_value=-(2**70), max_value=2**70)),
+    "stop": mostly(st.lists(st.text(min_size=1, max_size=4), max_size=4) | st.lists(st.text(max_size=4), max_size=6)),
+    "stream": mostly(st.booleans()),
+    "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "logprobs": mostly(st.booleans() | small_int),
+    "n": mostly(st.just(1) | small_int),
+}
+completion = st.fixed_dictionaries(
+    {"model": mostly(st.just(MODEL)), "max_tokens": mostly(st.integers(min_value=1, max_value=6)),
+     "prompt": mostly(st.text(min_size=1, max_size=40) | token_ids)},
+    optional={k: v for k, v in FIELDS.items() if k != "max_tokens"},
+)  # fmt: skip
+chat = st.fixed_dictionaries(
+    {"model": mostly(st.just(MODEL)), "max_tokens": mostly(st.integers(min_value=1, max_value=6)),
+     "messages": mostly(conversation | st.lists(message, max_size=4))},
+    optional={k: v for k, v in FIELDS.items() if k != "max_tokens"},
+)  # fmt: skip
+
+
+def body_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, allow_nan=True).encode()
+
+
+def check(r: httpx.Response) -> None:
+    SEEN[r.status_code] += 1
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+
+
+def post(http: httpx.Client, route: str, content: bytes, stream: bool) -> httpx.Response:
+    if not stream:
+        return http.post(route, content=content, headers={"Content-Type": "application/json"})
+    with http.stream("POST", route, content=content, headers={"Content-Type": "application/json"}) as r:
+        r.read()  # a stream that started must also end cleanly
+        return r
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(body=completion)
+def test_fuzz_completions(http: httpx.Client, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/completions", body_bytes(body), body.get("stream") is True))
+
+
+@FUZZ
+@given(body=chat)
+def test_fuzz_chat_completions(http: httpx.Client, body: dict[str, Any]) -> None:
+    check(post(http, "/v1/chat/completions", body_bytes(body), body.get("stream") is True))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(raw=st.binary(max_size=300) | json_value.map(body_bytes), route=st.sampled_from(
+    ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/nothing"]))  # fmt: skip
+def test_fuzz_raw_bodies_on_every_route(http: httpx.Client, raw: bytes, route: str) -> None:
+    r = http.post(route, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+
+
+# ---- gRPC ----------------------------------------------------------------------------------------
+
+int32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
+grpc_message = st.builds(
+    pb.ChatMessage, role=st.sampled_from(["user", "system", "assistant", "bot", ""]), content=st.text(max_size=20)
+)
+grpc_request = st.builds(
+    pb.GenerateRequest,
+    model=st.just(MODEL) | st.text(max_size=10),
+    prompt=st.text(max_size=30),
+    prompt_token_ids=st.lists(int32, max_size=8),
+    messages=st.lists(grpc_message, max_size=3),
+    max_tokens=st.none() | int32,
+    temperature=st.none() | st.floats(width=32),
+    top_p=st.none() | st.floats(width=32),
+    top_k=st.none() | int32,
+    seed=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    stop=st.lists(st.text(max_size=3), max_size=5),
+)
+
+
+@pytest.fixture(scope="module")
+def stub(server: dict[str, str]) -> Iterator[pb_grpc.InferenceStub]:
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(request=grpc_request, streaming=st.booleans())
+def test_fuzz_grpc_fields(stub: pb_grpc.InferenceStub, request: Any, streaming: bool) -> None:
+    try:
+        if streaming:
+            list(stub.Generate(request, timeout=60))
+        else:
+            stub.Complete(request, timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (e.code(), e.details())
+
+
+def test_server_is_alive_after_the_fuzzing(http: httpx.Client, stub: pb_grpc.InferenceStub) -> None:
+    assert SEEN[200] >= 50 and SEEN[400] >= 500, SEEN  # both generation and refusal paths were exercised
+    assert http.get("/health").json()["status"] == "ok"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "still fine", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert stub.Health(pb.HealthRequest()).healthy

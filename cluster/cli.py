@@ -6,6 +6,7 @@ mixtral-cluster generate --prompt "Hello" --max-tokens 32
 mixtral-cluster make-tiny checkpoints/tiny
 mixtral-cluster plan configs/mixtral-8x22b.yaml
 mixtral-cluster bench --quick --json bench/quick.json
+mixtral-cluster soak --minutes 10
 """
 
 from __future__ import annotations
@@ -221,6 +222,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(parsed=args)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from benchmarks.soak import main as soak_main
+
+    return soak_main(parsed=args)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -276,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "memory-bandwidth roofline. Writes JSON, Markdown and PNG plots with --json.")  # fmt: skip
     bench_parser(b)
     b.set_defaults(fn=cmd_bench)
+
+    from benchmarks.soak import build_parser as soak_parser
+
+    k = sub.add_parser("soak", help="run mixed traffic for a while and check nothing leaks or drifts",
+                       description="A bounded soak of the Serve app (tiny model by default): waves of streamed, "
+                       "non-streamed and abandoned requests; fails if KV blocks, memory or actors grow or a "
+                       "greedy answer changes.")  # fmt: skip
+    soak_parser(k)
+    k.set_defaults(fn=cmd_soak)
     return p
 
 

@@ -71,6 +71,7 @@ class LLMServer:
             max_model_len=eng.max_model_len,
             placement_timeout_s=clu.placement_timeout_s,
             torch_threads=clu.torch_threads,
+            worker_resources=clu.bundle_resources(),
             step_timeout_s=eng.step_timeout_s,
             device_memory_bytes=int(clu.gpu_memory_gb * 1e9),
             placement=pg,

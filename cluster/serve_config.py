@@ -47,6 +47,12 @@ class ClusterSection(_Strict):
     gpus_per_node: int = Field(default=8, ge=1)  # for `plan`: the GPU nodes' size
     gpu_memory_gb: float = Field(default=80.0, gt=0)  # per GPU, for the fit check
     torch_threads: int = Field(default=1, ge=1)  # per worker
+    # What each worker's bundle asks for; default one GPU + one CPU on cuda, one CPU slot on cpu. Add a
+    # custom resource (e.g. {"GPU": 1, "CPU": 1, "h100_node": 1}) to keep workers on one node type.
+    worker_resources: dict[str, float] | None = None
+
+    def bundle_resources(self) -> dict[str, float]:
+        return dict(self.worker_resources) if self.worker_resources else worker_resources(self.device)
 
     @property
     def layout(self) -> Layout:
@@ -115,7 +121,7 @@ class ServeConfig(_Strict):
     def replica_bundles(self, num_experts: int) -> list[dict[str, float]]:
         """Placement-group bundles of one replica: bundle 0 for the LLMServer itself, then its workers."""
         specs = worker_specs(self.cluster.layout, num_experts)
-        return bundles(specs, worker_resources(self.cluster.device), replica_bundle={"CPU": 1.0})
+        return bundles(specs, self.cluster.bundle_resources(), replica_bundle={"CPU": 1.0})
 
 
 def ensure_checkpoint(cfg: ServeConfig, progress: bool | None = None) -> Path:

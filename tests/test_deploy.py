@@ -96,3 +96,14 @@ def test_grpc_stubs_are_generated_from_the_proto(tmp_path: Path) -> None:
         fresh = (tmp_path / "cluster/proto" / name).read_text()
         committed = (ROOT / "cluster/proto" / name).read_text()
         assert fresh == committed, f"{name} is stale: regenerate it (command at the top of inference.proto)"
+
+
+def test_nothing_in_the_project_turns_ray_token_authentication_off() -> None:
+    """Ray 2.60 enables token authentication by default; no config, script or code may disable it."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [ROOT / f for f in tracked if f.endswith((".py", ".yaml", ".yml", ".sh", ".md", ".toml")) or f == ".ci/run"]
+    offenders = [
+        str(p.relative_to(ROOT)) for p in texts
+        if p.is_file() and p.name != "test_deploy.py" and "RAY_AUTH_MODE" in p.read_text(errors="ignore")
+    ]  # fmt: skip
+    assert offenders == []

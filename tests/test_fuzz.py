@@ -5,6 +5,7 @@ INTERNAL or UNKNOWN), every refusal must carry an error body, and the server mus
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -197,6 +198,7 @@ def test_fuzz_grpc_fields(stub: pb_grpc.InferenceStub, request: Any, streaming: 
 
 def test_server_is_alive_after_the_fuzzing(http: httpx.Client, stub: pb_grpc.InferenceStub) -> None:
     assert SEEN[200] >= 50 and SEEN[400] >= 500, SEEN  # both generation and refusal paths were exercised
+    logging.getLogger(__name__).info("HTTP statuses over the fuzzing: %s", dict(SEEN))
     assert http.get("/health").json()["status"] == "ok"
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "still fine", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,3 +311,31 @@ def test_grpc_invalid_argument(stub, request_, field: str) -> None:
             call(request_, metadata=AUTH)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in e.value.details()
+
+
+# ---- security defaults ---------------------------------------------------------------------------
+
+
+def test_logs_hold_no_prompt_text_or_api_key(client: openai.OpenAI, http: httpx.Client, stub) -> None:
+    """At the default level nothing writes request contents or keys to the cluster's log files."""
+    marker = f"zebra quartz {uuid.uuid4().hex[:10]}"
+    client.completions.create(model=MODEL, prompt=marker, max_tokens=2)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker}], max_tokens=2)
+    http.post("/v1/completions", json={"model": MODEL, "prompt": marker, "temperature": -1})  # refused
+    stub.Complete(pb.GenerateRequest(prompt=marker, max_tokens=2), metadata=AUTH)
+    with pytest.raises(grpc.RpcError):
+        list(stub.Generate(pb.GenerateRequest(prompt=marker, top_p=5), metadata=AUTH))
+    time.sleep(2)  # let the workers flush their log files
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        assert marker.encode() not in data, f"prompt text in {f.name}"
+        assert KEY.encode() not in data, f"API key in {f.name}"
+
+
+def test_security_defaults_in_config() -> None:
+    assert ServeConfig.model_validate({"model": {"checkpoint": "x"}}).serving.host == "127.0.0.1"
+    assert ServeConfig.load("tiny.yaml").serving.host == "127.0.0.1"
+    assert ServeConfig.model_validate({"model": {"checkpoint": "x"}}).serving.api_key is None  # opt-in

@@ -1,0 +1,93 @@
+"""Node loss on a simulated cluster: the node holding an expert group disappears under load.
+
+A CPU head (ingress, proxy) and three worker nodes with a `model_slot` resource that the model
+copy's worker bundles ask for (SPREAD). The node of `experts-0` is removed while requests
+decode: in-flight requests must end within 5 s with 503 (or an error event on a stream),
+Serve must bring up a new copy on the nodes left and answer correctly, and nothing may leak."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.serve.config import HTTPOptions
+
+from cluster.engine import SamplingParams
+from cluster.llm import LLM
+from cluster.serve import build_app
+from cluster.serve_config import ServeConfig
+from tests.helpers import ENGINE_CONFIG
+from tests.serve_helpers import MODEL, PROMPT, Load, census, wait_until_serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:
+    ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
+    fast_failure = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": fast_failure})
+    nodes = [c.add_node(num_cpus=2, resources={"model_slot": 2}) for _ in range(3)]
+    ray.init(address=c.address)
+    c.wait_for_nodes()
+    port = free_port()
+    cfg = ServeConfig.model_validate({
+        "model": {"checkpoint": str(ckpt), "name": MODEL},
+        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2, "placement_strategy": "SPREAD",
+                    "worker_resources": {"CPU": 1, "model_slot": 1}},
+        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512},
+        "serving": {"http_port": port, "grpc_port": free_port(), "health_check_period_s": 1, "retry_after_s": 3},
+    })  # fmt: skip
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
+    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
+    yield {"cluster": c, "nodes": nodes, "url": f"http://127.0.0.1:{port}"}
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint_factory) -> str:
+    with LLM(checkpoint_factory(ENGINE_CONFIG, seed=5), single_process=True) as llm:
+        return llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+
+
+def test_losing_the_expert_node_fails_fast_and_a_new_copy_serves(cluster: dict[str, Any], expected: str) -> None:
+    url = cluster["url"]
+    wait_until_serving(url, expected)
+    before = census()
+    workers = serve.get_deployment_handle("LLMServer", app_name="mixtral").workers.remote().result()
+    where = {w["name"]: w["node_id"] for w in workers}
+    victim = next(n for n in cluster["nodes"] if n.node_id == where["experts-0"])
+    lost = sorted(name for name, node in where.items() if node == victim.node_id)
+    with Load(url) as load:  # plain and streamed HTTP
+        time.sleep(2.0)
+        killed = time.monotonic()
+        cluster["cluster"].remove_node(victim, allow_graceful=False)
+        time.sleep(6.0)
+    in_flight = [r for r in load.records if r["start"] < killed <= r["end"]]
+    assert {r["kind"] for r in in_flight} == {"plain", "stream"}, in_flight
+    for r in in_flight:
+        assert r["end"] - killed < 5.0, r
+        if r["kind"] == "plain":
+            assert r["outcome"] == "503" and r["detail"][0]["retry-after"] == "3", r
+        else:
+            assert r["outcome"] == "error-event", r
+    wait_until_serving(url, expected, timeout_s=180)
+    workers = serve.get_deployment_handle("LLMServer", app_name="mixtral").workers.remote().result()
+    assert all(w["node_id"] != victim.node_id for w in workers)  # the new copy lives on the nodes left
+    deadline = time.monotonic() + 60
+    while census() != before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert census() == before, f"actors or placement groups leaked (lost node held {lost})"

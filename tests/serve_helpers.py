@@ -4,20 +4,66 @@ actors and placement groups, and waiting until the copy answers correctly again.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import ray
+from ray import serve
 from ray._private import state as ray_state
+from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
+from cluster.serve import build_app
+from cluster.serve_config import ServeConfig
 
 MODEL = "mixtral-tiny"
 PROMPT = "The first law of robotics"
+GRPC_SERVICER = "cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(
+    checkpoint: Path, engine: dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The real Serve app (HTTP + gRPC on free local ports) for a tiny copy with A=1 R=1 G=2.
+
+    `engine` and the other config sections update the defaults below. Starts a local Ray unless
+    one is already connected (a simulated cluster), and stops what it started."""
+    http_port, grpc_port = free_port(), free_port()
+    cfg = ServeConfig.model_validate({
+        "model": {"checkpoint": str(checkpoint), "name": MODEL} | sections.get("model", {}),
+        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2} | sections.get("cluster", {}),
+        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512} | (engine or {}),
+        "serving": {"http_port": http_port, "grpc_port": grpc_port} | sections.get("serving", {}),
+    })  # fmt: skip
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=32, include_dashboard=False)
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "config": cfg}
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        if own_ray:
+            ray.shutdown()
 
 
 def census() -> tuple[int, int]:

@@ -9,31 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
-from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import MODEL, PROMPT, Load, census, wait_until_serving
+from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
 logger = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +32,8 @@ def ckpt(checkpoint_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt) -> Iterator[dict[str, str]]:
-    http_port, grpc_port = free_port(), free_port()
-    cfg = ServeConfig.model_validate({
-        "model": {"checkpoint": str(ckpt), "name": MODEL},
-        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2},
-        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512},
-        "serving": {"http_port": http_port, "grpc_port": grpc_port, "health_check_period_s": 1, "retry_after_s": 3},
-    })  # fmt: skip
-    ray.init(num_cpus=32, include_dashboard=False)
-    serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-        grpc_options=gRPCOptions(
-            port=grpc_port, grpc_servicer_functions=["cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"]
-        ),
-    )
-    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
+    with serving(ckpt, serving={"health_check_period_s": 1, "retry_after_s": 3}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -6,59 +6,31 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
-from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
+from tests.serve_helpers import serving
 
 MODEL = "mixtral-tiny"
 SEEN: Counter[int] = Counter()  # HTTP statuses the fuzzing got, checked at the end
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint_factory) -> Iterator[dict[str, str]]:
-    ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
-    http_port, grpc_port = free_port(), free_port()
-    cfg = ServeConfig.model_validate({
-        "model": {"checkpoint": str(ckpt), "name": MODEL},
-        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2},
-        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 48},  # long asks are refused fast
-        "serving": {"http_port": http_port, "grpc_port": grpc_port, "max_body_bytes": 4096},
-    })  # fmt: skip
-    ray.init(num_cpus=32, include_dashboard=False)
-    serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-        grpc_options=gRPCOptions(
-            port=grpc_port, grpc_servicer_functions=["cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"]
-        ),
-    )
-    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
+    engine = {"max_model_len": 48}  # long asks are refused fast
+    with serving(checkpoint_factory(ENGINE_CONFIG, seed=5), engine, serving={"max_body_bytes": 4096}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ placement group put their bundles, one GPU each, and the model copy still answer
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -33,6 +34,9 @@ def three_nodes():
 def test_workers_land_where_the_plan_says(three_nodes, checkpoint_factory, strategy: str, per_node: list[int]) -> None:
     _, gpu_nodes = three_nodes
     ckpt = checkpoint_factory(ENGINE_CONFIG, seed=5)
+    deadline = time.monotonic() + 30  # the previous case's actors and group are released asynchronously
+    while ray.available_resources().get("GPU", 0) < 8 and time.monotonic() < deadline:
+        time.sleep(0.2)
     with LLM(ckpt, attention_shards=2, routers=1, expert_groups=3, block_size=4, num_blocks=64,
              placement_strategy=strategy, worker_resources={"GPU": 1.0, "CPU": 1.0}) as llm:  # fmt: skip
         backend = llm.backend

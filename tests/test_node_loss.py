@@ -7,7 +7,6 @@ Serve must bring up a new copy on the nodes left and answer correctly, and nothi
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,20 +16,11 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
-from ray.serve.config import HTTPOptions
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import MODEL, PROMPT, Load, census, wait_until_serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +28,16 @@ def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:
     ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
     fast_failure = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": fast_failure})
-    nodes = [c.add_node(num_cpus=2, resources={"model_slot": 2}) for _ in range(3)]
+    # A spare CPU per node: other actors (Serve's ingress) may land there without blocking a new copy.
+    nodes = [c.add_node(num_cpus=3, resources={"model_slot": 2}) for _ in range(3)]
     ray.init(address=c.address)
     c.wait_for_nodes()
-    port = free_port()
-    cfg = ServeConfig.model_validate({
-        "model": {"checkpoint": str(ckpt), "name": MODEL},
-        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2, "placement_strategy": "SPREAD",
-                    "worker_resources": {"CPU": 1, "model_slot": 1}},
-        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512},
-        "serving": {"http_port": port, "grpc_port": free_port(), "health_check_period_s": 1, "retry_after_s": 3},
-    })  # fmt: skip
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
-    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
-    yield {"cluster": c, "nodes": nodes, "url": f"http://127.0.0.1:{port}"}
-    serve.shutdown()
+    sections = {
+        "cluster": {"placement_strategy": "SPREAD", "worker_resources": {"CPU": 1, "model_slot": 1}},
+        "serving": {"health_check_period_s": 1, "retry_after_s": 3},
+    }
+    with serving(ckpt, **sections) as s:
+        yield {"cluster": c, "nodes": nodes, "url": s["url"]}
     ray.shutdown()
     c.shutdown()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -17,25 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 from ray import serve
-from ray.serve.config import HTTPOptions
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
+from tests.serve_helpers import serving
 
 logger = logging.getLogger(__name__)
 MODEL = "mixtral-tiny"
 PROMPTS = ["alpha beta", "one two three", "red green blue yellow", "x", "the quick brown fox jumps"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +35,10 @@ def ckpt(checkpoint_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(ckpt) -> Iterator[str]:
-    port = free_port()
-    cfg = ServeConfig.model_validate({
-        "model": {"checkpoint": str(ckpt), "name": MODEL},
-        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2},
-        # 512 tokens of KV cache, no overcommit: about 40 requests of this size fit at once.
-        "engine": {"block_size": 4, "kv_cache_gb": 0.0005, "kv_overcommit": 1.0, "max_model_len": 128},
-        "serving": {"http_port": port, "grpc_port": free_port(), "max_ongoing_requests": 64,
-                    "max_queued_requests": 100},
-    })  # fmt: skip
-    ray.init(num_cpus=32, include_dashboard=False)
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
-    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    # 512 tokens of KV cache, no overcommit: about 40 requests of this size fit at once.
+    engine = {"kv_cache_gb": 0.0005, "kv_overcommit": 1.0, "max_model_len": 128}
+    with serving(ckpt, engine, serving={"max_ongoing_requests": 64, "max_queued_requests": 100}) as s:
+        yield s["url"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,25 +14,18 @@ import openai
 import pytest
 import ray
 from ray import serve
-from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.serve import build_app
 from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
+from tests.serve_helpers import serving
 
 MODEL = "mixtral-tiny"
 KEY = "test-key-123"
 AUTH = [("authorization", f"Bearer {KEY}")]  # gRPC metadata
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +35,8 @@ def ckpt(checkpoint_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt) -> Iterator[dict]:
-    http_port, grpc_port = free_port(), free_port()
-    cfg = ServeConfig.model_validate({
-        "model": {"checkpoint": str(ckpt), "name": MODEL},
-        "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2},
-        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512},
-        "serving": {"http_port": http_port, "grpc_port": grpc_port, "api_key": KEY, "min_replicas": 2,
-                    "max_replicas": 2, "max_body_bytes": 65536},
-    })  # fmt: skip
-    ray.init(num_cpus=32, include_dashboard=False)
-    serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-        grpc_options=gRPCOptions(
-            port=grpc_port, grpc_servicer_functions=["cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"]
-        ),
-    )
-    serve.run(build_app(cfg), name="mixtral", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "config": cfg}
-    serve.shutdown()
-    ray.shutdown()
+    with serving(ckpt, serving={"api_key": KEY, "min_replicas": 2, "max_replicas": 2, "max_body_bytes": 65536}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

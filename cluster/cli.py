@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False,
                  logging_level=logging.WARNING)  # fmt: skip
     serve.start(
+        proxy_location="HeadOnly",  # clients reach the head; GPU nodes carry model workers only
         http_options=HTTPOptions(host=srv.host, port=srv.http_port, request_timeout_s=srv.request_timeout_s),
         grpc_options=gRPCOptions(port=srv.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
     )

@@ -54,6 +54,7 @@ def serving(
     if own_ray:
         ray.init(num_cpus=32, include_dashboard=False)
     serve.start(
+        proxy_location="HeadOnly",  # as the Serve configs: clients reach the head
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
     )

@@ -47,6 +47,7 @@ pb: Any = inference_pb2  # generated module: its message classes are made at imp
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256
+HEALTH_TIMEOUT_S = 5.0  # /health answers within this, well inside a load balancer's probe timeout
 
 
 class LLMServer:
@@ -159,6 +160,12 @@ class LLMServer:
             "rss_bytes": rss_bytes(),
         }
 
+    def health(self) -> str:
+        """This copy's id while its engine can serve; raises once a worker has died, so `/health`
+        says 503 at once instead of waiting for Serve to notice."""
+        self.check_health()
+        return self.replica
+
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it
         with a fresh one (new workers, weights reloaded) while the others keep serving."""
@@ -231,10 +238,10 @@ def _make_ingress(config: ServeConfig) -> type:
         @app.get("/health")
         async def health(self) -> Response:
             try:
-                stats = await asyncio.wait_for(self.llm.stats.remote(), timeout=10)
+                replica = await asyncio.wait_for(self.llm.health.remote(), timeout=HEALTH_TIMEOUT_S)
             except Exception as e:
-                return JSONResponse({"status": "unhealthy", "detail": str(e)}, status_code=503)
-            return JSONResponse({"status": "ok", "replica": stats["replica"]})
+                return JSONResponse({"status": "unhealthy", "detail": str(e) or type(e).__name__}, status_code=503)
+            return JSONResponse({"status": "ok", "replica": replica})
 
         @app.get("/metrics")
         async def metrics(self) -> Response:
@@ -375,9 +382,9 @@ def _make_ingress(config: ServeConfig) -> type:
 
         async def Health(self, request: Any, grpc_context: Any = None) -> Any:
             try:
-                await asyncio.wait_for(self.llm.stats.remote(), timeout=10)
+                await asyncio.wait_for(self.llm.health.remote(), timeout=HEALTH_TIMEOUT_S)
             except Exception as e:
-                return pb.HealthResponse(healthy=False, detail=str(e))
+                return pb.HealthResponse(healthy=False, detail=str(e) or type(e).__name__)
             return pb.HealthResponse(healthy=True, detail="ok")
 
         async def _grpc_start(self, request: Any, grpc_context: Any) -> tuple[Any, dict[str, Any]]:

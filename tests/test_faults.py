@@ -19,6 +19,7 @@ from ray import serve
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
+from cluster.serve import HEALTH_TIMEOUT_S
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
@@ -57,7 +58,7 @@ def test_killing_a_worker_fails_in_flight_requests_fast_and_the_copy_comes_back(
         os.kill(victim["pid"], signal.SIGKILL)
         health = []
         while time.monotonic() - killed < 6.0:  # the load runs on meanwhile
-            health.append(httpx.get(url + "/health", timeout=10).status_code)
+            health.append(httpx.get(url + "/health", timeout=HEALTH_TIMEOUT_S + 3).status_code)  # answers promptly
             time.sleep(0.2)
     in_flight = [r for r in load.records if r["start"] < killed <= r["end"]]
     assert len({r["kind"] for r in in_flight}) >= 2, in_flight  # requests of several kinds were decoding

@@ -21,6 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.kv_cache import FREED
+from model.linear import Linear
 from model.rope import apply_rotary
 
 _FUTURE = 2**62  # key position given to padding: later than any query
@@ -146,10 +147,10 @@ class Attention(nn.Module):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, config.num_heads * d)
+        self.k_proj = Linear(h, config.num_kv_heads * d)
+        self.v_proj = Linear(h, config.num_kv_heads * d)
+        self.o_proj = Linear(config.num_heads * d, h)
 
     def forward(
         self,

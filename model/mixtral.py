@@ -18,6 +18,7 @@ from torch import nn
 from model.attention import Attention, AttentionPlan, plan_attention
 from model.config import ALL_PARTS, ModelConfig, Part
 from model.kv_cache import CacheBatch
+from model.linear import Linear
 from model.moe import ExpertFFN, SparseMoE
 from model.norm import RMSNorm
 from model.rope import cos_sin
@@ -83,12 +84,12 @@ class Mixtral(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, parts, experts) for _ in range(config.num_layers))
         if "head" in parts:
             self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def decoder_layers(self) -> list[DecoderLayer]:
         return list(self.layers)  # type: ignore[arg-type]  # ModuleList is typed as holding Modules
 
-    def gates(self) -> list[nn.Linear]:
+    def gates(self) -> list[Linear]:
         """Every layer's gate (a router's weights)."""
         gates = [layer.block_sparse_moe.gate for layer in self.decoder_layers()]
         assert all(g is not None for g in gates), "this model holds no gates"

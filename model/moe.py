@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.linear import Linear, linear
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +61,8 @@ class ExpertFFN(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 xe = xs[start : start + n]  # [n, H]
-                h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)  # [n, I]
-                ys[start : start + n] = h @ self.w2[e].T  # [n, H]
+                h = F.silu(linear(xe, self.w1[e])) * linear(xe, self.w3[e])  # [n, I]
+                ys[start : start + n] = linear(h, self.w2[e])  # [n, H]
                 start += n
         out = torch.empty_like(ys)
         out[order] = ys
@@ -84,7 +85,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = config.experts_per_token
         self.num_experts = config.num_experts
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False) if gate else None
+        self.gate = Linear(config.hidden_size, config.num_experts) if gate else None
         ids = range(config.num_experts) if experts is None else experts
         self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, ids) if len(ids) else None
 

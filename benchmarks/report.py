@@ -67,9 +67,14 @@ def markdown(r: dict[str, Any]) -> str:
     if rf:
         lines += ["", "## Roofline (single process, batch 1 decode)", "",
                   f"{rf['bytes_per_step'] / 1e6:.1f} MB of weights per step / {rf['bandwidth_gb_s']:.1f} GB/s "
-                  f"measured copy bandwidth = {rf['floor_ms']:.2f} ms floor; measured {rf['measured_ms']:.2f} ms "
+                  f"measured copy bandwidth (best of {_samples(rf)}) = {rf['floor_ms']:.2f} ms floor; "
+                  f"measured {rf['measured_ms']:.2f} ms "
                   f"per step = {rf['ratio']:.2f}x the floor."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _samples(rf: dict[str, Any]) -> str:
+    return ", ".join(f"{b:.1f}" for b in rf.get("bandwidth_samples_gb_s", [rf["bandwidth_gb_s"]]))
 
 
 _SYSTEMS = {"hf": "transformers generate (padded batch)", "single": "single-process engine", "cluster": "cluster"}

@@ -7,11 +7,14 @@ so the outputs can be compared token for token and tokens/s means the same thing
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +22,28 @@ from cluster.engine import SamplingParams
 from cluster.llm import LLM
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def on_own_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` on a fresh thread that ends with it, and return its result.
+
+    Each thread that runs parallel torch ops owns an OpenMP pool for as long as it lives, and
+    with more pool threads than cores libgomp stops its workers spinning between ops, slowing
+    every system measured after it (the single-process engine computes on its own loop thread).
+    So tensor work in this process that is not the engine's runs on a thread that is gone after."""
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            result.set_result(fn())
+        except BaseException as e:
+            result.set_exception(e)
+
+    thread = threading.Thread(target=target, name="bench-own-thread")
+    thread.start()
+    thread.join()
+    return result.result()
 
 
 @dataclass

@@ -138,3 +138,18 @@ def test_expert_counts_cover_every_routed_token(ckpt) -> None:
     fed = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in outs)
     assert counts.shape == (ENGINE_CONFIG.num_layers, ENGINE_CONFIG.num_experts)
     assert counts.sum(1).tolist() == [fed * ENGINE_CONFIG.experts_per_token] * ENGINE_CONFIG.num_layers
+
+
+def test_a_failing_call_on_the_loop_reaches_the_caller_and_the_engine_serves_on(llm: LLM) -> None:
+    with pytest.raises(ZeroDivisionError):
+        llm._loop.call(lambda: 1 / 0)
+    out = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+
+
+def test_a_batch_of_prompts_is_scheduled_in_the_first_step(llm: LLM) -> None:
+    llm.profile(True)
+    llm.generate([[1, 5, 6, 7]] * 4, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    records = llm.step_profile()["engine"]
+    llm.profile(False)
+    assert len(records) == 2  # one prefill step for all four prompts, one decode step

@@ -21,7 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.kv_cache import FREED
-from model.linear import Linear
+from model.linear import Linear, linear_cat
 from model.rope import apply_rotary
 
 _FUTURE = 2**62  # key position given to padding: later than any query
@@ -33,7 +33,7 @@ class AttentionGroup:
 
     q_rows: torch.Tensor  # [S, Tq] rows of the packed tokens
     k_index: torch.Tensor  # [S, Tk] rows of the key store: the call's own keys, or pool slots with a cache
-    mask: torch.Tensor  # [S, Tq, Tk] bool, True where the query sees the key
+    mask: torch.Tensor | None  # [S, Tq, Tk] bool, True where the query sees the key; None: sees all
 
 
 @dataclass
@@ -133,13 +133,14 @@ def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int, seq: int) ->
     return physical * block_size + pos % block_size
 
 
-def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[S, Tq, Tk] visibility from query positions [S, Tq] and key positions [S, Tk]."""
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """[S, Tq, Tk] visibility from query positions [S, Tq] and key positions [S, Tk]; None when
+    every query sees every key (a decode group with no padding), which spares SDPA the mask."""
     dist = q_pos[:, :, None] - k_pos[:, None, :]  # [S, Tq, Tk]
     visible = dist >= 0
     if window is not None:
         visible &= dist < window
-    return visible
+    return None if bool(visible.all()) else visible
 
 
 class Attention(nn.Module):
@@ -161,10 +162,11 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [T, H] -> [T, H]; `kv` is this layer's flat pools [N*B, Hkv, D] when a cache is used."""
-        t, d = x.shape[0], self.head_dim
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, d), cos, sin)  # [T, Hq, D]
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, d), cos, sin)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, d)  # [T, Hkv, D]
+        t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = linear_cat(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # [T, (Hq + 2 Hkv) D]
+        qkv = qkv.view(t, hq + 2 * hkv, d)
+        qk = apply_rotary(qkv[:, : hq + hkv], cos, sin)  # [T, Hq + Hkv, D]: queries and keys rotate alike
+        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]  # [T, Hq, D], [T, Hkv, D], [T, Hkv, D]
         if kv is None:
             k_store, v_store = k, v
         else:
@@ -177,8 +179,8 @@ class Attention(nn.Module):
             qg = q[g.q_rows].transpose(1, 2)  # [S, Tq, Hq, D] -> [S, Hq, Tq, D]
             kg = k_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]
             vg = v_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask[:, None], scale=d**-0.5, enable_gqa=True
-            )  # [S, Hq, Tq, D]
+            mask = None if g.mask is None else g.mask[:, None]  # [S, 1, Tq, Tk]
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=d**-0.5, enable_gqa=True)
+            # og [S, Hq, Tq, D]
             out[g.q_rows] = og.transpose(1, 2)  # [S, Tq, Hq, D]
         return self.o_proj(out.view(t, self.num_heads * d))

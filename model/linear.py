@@ -17,41 +17,72 @@ and each tile is padded to one of 32 row counts (`padded_rows`): a fixed set of 
 weight, at most ~20 MB of kernels, for at most ~1/4 extra work on a tile (~1/10 typically: the
 time of a tile grows with its rows from a fixed cost of reading the weight). A 256-row tile runs
 at ~97% of the rate of one large GEMM.
+
+With at most KERNEL_ROWS rows (a decode step at small batch) the project's own matrix-vector
+kernel (`model/cpu_kernels.py`) runs instead: each weight row is read once, at about twice
+oneDNN's speed for a 2 MB weight at one row (30 vs 59 us); from 8 rows on oneDNN's blocked GEMM
+is faster.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
+
+KERNEL_ROWS = 4  # up to this many rows, `cpu_kernels.rows_linear`
 ROW_TILE = 256  # rows per oneDNN call; larger inputs run as several tiles
 
 _HAS_ONEDNN: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if _HAS_ONEDNN else None
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        _ONEDNN_LINEAR is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not weight.is_sparse
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
+Path = Literal["kernel", "onednn", "torch"]
+
+
+def path_for(x: torch.Tensor, *weights: torch.Tensor) -> Path:
+    """Which kernel projects `x` [..., IN] through `weights`: ours at few rows, oneDNN at more
+    (CPU fp32 inference both), `F.linear` for everything else."""
+    if not cpu_kernels.usable(x, *weights) or any(w.is_sparse or w.shape[1] != x.shape[-1] for w in weights):
+        return "torch"
+    if x.numel() and x.numel() <= KERNEL_ROWS * x.shape[-1] and cpu_kernels.load() is not None:
+        return "kernel"
+    return "onednn" if _ONEDNN_LINEAR is not None and x.numel() else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., IN], weight [OUT, IN] -> [..., OUT] (no bias)."""
-    if not _use_onednn(x, weight) or x.shape[-1] != weight.shape[1] or x.numel() == 0:
-        return F.linear(x, weight)
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])  # [N, IN]
-    w = weight.contiguous()
-    tiles = [_onednn_rows(rows[i : i + ROW_TILE], w) for i in range(0, rows.shape[0], ROW_TILE)]
-    y = tiles[0] if len(tiles) == 1 else torch.cat(tiles)  # [N, OUT]
-    return y.view(*lead, weight.shape[0])
+    return linear_cat(x, (weight,))
+
+
+def linear_cat(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """x [..., IN] through each weight [OUT_j, IN], side by side: [..., OUT_0 + OUT_1 + ...].
+
+    Projections of the same input (q, k and v) take one kernel call at few rows."""
+    path = path_for(x, *weights)
+    if path == "torch":
+        ys = [F.linear(x, w) for w in weights]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # [N, IN]
+    if path == "kernel":
+        kernels = cpu_kernels.load()
+        assert kernels is not None
+        y = kernels.rows_linear(rows, [w.contiguous() for w in weights])  # [N, OUT]
+    else:
+        ys = [_onednn(rows, w.contiguous()) for w in weights]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [N, OUT]
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _onednn(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [N, IN] -> [N, OUT] in tiles of at most ROW_TILE rows."""
+    tiles = [_onednn_rows(rows[i : i + ROW_TILE], weight) for i in range(0, rows.shape[0], ROW_TILE)]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
 def padded_rows(n: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import cpu_kernels
 from model.checkpoint import Checkpoint, CheckpointError, weight_names
 from model.mixtral import Mixtral
 
@@ -67,6 +68,8 @@ def load_into(
                 f"parameter {pname} of {type(module).__name__} was not fully loaded from {checkpoint.path}"
             )
     module.requires_grad_(False)
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        cpu_kernels.load()  # built (once per machine) while loading, not inside the first step
     return module
 
 

@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
 from model.config import ModelConfig
 from model.linear import Linear, linear
+
+KERNEL_ROWS_PER_EXPERT = 4  # up to this many rows per expert held (on average), `cpu_kernels.expert_ffn`
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +54,14 @@ class ExpertFFN(nn.Module):
         """x [N, H], local_expert [N] -> [N, H]: each row through its one expert.
 
         Rows are sorted by expert and each expert that has rows runs one matmul chain over its
-        contiguous slice; no per-token loop.
+        contiguous slice; no per-token loop. With few rows (a decode step) on CPU in fp32, one
+        call of the C++ kernel does all of it, reading each expert's weights once (a layer's
+        experts for one token in ~0.13 ms instead of ~0.35 ms of eager ops).
         """
+        if len(x) <= KERNEL_ROWS_PER_EXPERT * len(self.expert_ids) and cpu_kernels.usable(x, self.w1):
+            kernels = cpu_kernels.load()
+            if kernels is not None:
+                return kernels.expert_ffn(x.contiguous(), local_expert, self.w1, self.w3, self.w2)
         order = torch.argsort(local_expert, stable=True)  # [N]
         counts = torch.bincount(local_expert, minlength=len(self.expert_ids)).tolist()
         xs = x[order]  # [N, H] grouped by expert

@@ -1,5 +1,6 @@
-"""`model.linear`: the oneDNN path for CPU fp32 projections gives F.linear's results (up to
-summation order), keeps nn.Linear's parameters, and steps aside where it does not apply."""
+"""`model.linear`: our kernel (few rows) and oneDNN (more rows) for CPU fp32 projections give
+F.linear's results (up to summation order), keep nn.Linear's parameters, and step aside where
+they do not apply."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.linear import ROW_TILE, Linear, _use_onednn, linear, padded_rows
+from model import cpu_kernels
+from model.linear import KERNEL_ROWS, ROW_TILE, Linear, linear, linear_cat, padded_rows, path_for
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (17, 64), (3, 5, 64), (300, 64), (0, 64)])  # 300: two tiles
+# 1, 4, (2, 2): our kernel; 7, 17, (3, 5): oneDNN; 300: two oneDNN tiles
+@pytest.mark.parametrize("shape", [(1, 64), (4, 64), (2, 2, 64), (7, 64), (17, 64), (3, 5, 64), (300, 64), (0, 64)])
 def test_linear_equals_f_linear(shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(shape, generator=g), torch.randn(96, 64, generator=g)
@@ -29,10 +32,25 @@ def test_strided_inputs_and_weight_views() -> None:
     torch.testing.assert_close(y, x @ stacked[2].T, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_fp32_inference_takes_onednn_when_torch_has_it() -> None:
-    x, w = torch.randn(2, 8), torch.randn(4, 8)
-    assert _use_onednn(x, w) == torch.backends.mkldnn.is_available()
-    assert not _use_onednn(x.bfloat16(), w.bfloat16())  # other dtypes keep F.linear
+def test_cpu_fp32_inference_takes_our_kernel_at_few_rows_and_onednn_beyond(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(4, 8)
+    with torch.inference_mode():
+        assert path_for(torch.randn(KERNEL_ROWS, 8), w) == "kernel"
+        assert path_for(torch.randn(KERNEL_ROWS + 1, 8), w) == "onednn"
+        assert path_for(torch.randn(2, 8).bfloat16(), w.bfloat16()) == "torch"  # other dtypes keep F.linear
+        assert path_for(torch.randn(2, 9), w) == "torch"  # and F.linear's error for a wrong width
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        assert path_for(torch.randn(1, 8), w) == "onednn"
+
+
+def test_q_k_and_v_in_one_call_equal_three_projections() -> None:
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(n, 64, generator=g) for n in (96, 32, 32)]
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 64, generator=g)
+        with torch.inference_mode():
+            y = linear_cat(x, ws)
+        torch.testing.assert_close(y, torch.cat([F.linear(x, w) for w in ws], dim=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_still_flow() -> None:

@@ -1,0 +1,91 @@
+"""The project's C++ kernels for CPU decode steps, compiled on first use for this machine.
+
+Shape legend: N = input rows, IN / OUT = features, E = experts held, H = hidden, I = expert
+intermediate size.
+
+At batch 1 a decode step is a chain of matrix-vector products, and on CPU their time is the
+weight bytes over the read bandwidth plus a fixed cost per call. oneDNN (`model/linear.py`)
+reads a 2 MB weight in ~56 us on this project's 2-core machines where the read alone takes
+~38 us, and the SwiGLU experts of a layer are ~20 eager ops. `csrc/small_rows.cpp` holds two
+plain C++ loops the compiler vectorises for the host CPU: `rows_linear` (x W^T for a few rows,
+each weight row read once) and `expert_ffn` (a layer's experts for a few rows in two parallel
+regions). They sum in a different order than oneDNN; both are exact fp32 dot products.
+
+The extension is built with torch's JIT builder (g++ and ninja) into torch's extension cache,
+keyed by the source and the CPU's feature flags, the first time a process asks for it
+(~20 s; later processes load it at once). Where it cannot be built, or with
+MIXTRAL_CPU_KERNELS=0, `load()` returns None and callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "small_rows.cpp"
+ENV_SWITCH = "MIXTRAL_CPU_KERNELS"  # "0" turns the kernels off (the benchmark's A/B, or a broken toolchain)
+
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def load() -> Any | None:
+    """The compiled module (`rows_linear`, `expert_ffn`), or None if switched off or unbuildable."""
+    if not enabled():
+        return None
+    if "module" in _loaded:
+        return _loaded["module"]
+    with _lock:
+        if "module" not in _loaded:
+            _loaded["module"] = _build()
+        return _loaded["module"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build() -> Any | None:
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    logger.info("loading the CPU decode kernels (compiled on first use on a machine, ~20 s)")
+    try:
+        module = cpp_extension.load(
+            name=f"mixtral_small_rows_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the torch path still works
+        logger.warning("CPU decode kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+        return None
+    logger.debug("CPU decode kernels loaded (%s)", key)
+    return module
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels apply: CPU fp32 tensors, no autograd."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    )

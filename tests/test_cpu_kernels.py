@@ -1,0 +1,95 @@
+"""`model.cpu_kernels`: the C++ decode kernels build on this machine, equal the torch path up to
+summation order, refuse malformed input with a message, and can be switched off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import cpu_kernels
+from model.moe import KERNEL_ROWS_PER_EXPERT, ExpertFFN
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Any:
+    module = cpu_kernels.load()
+    assert module is not None, "the C++ kernels did not build here (see the warning logged by model.cpu_kernels)"
+    return module
+
+
+def _experts(seed: int, held: int = 4, hidden: int = 48, inter: int = 80) -> ExpertFFN:
+    g = torch.Generator().manual_seed(seed)
+    ffn = ExpertFFN(hidden, inter, expert_ids=range(10, 10 + held))
+    for p in ffn.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    return ffn
+
+
+def _torch_path(ffn: ExpertFFN, x: torch.Tensor, local: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setenv(cpu_kernels.ENV_SWITCH, "0")
+        return ffn(x, local)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_expert_ffn_equals_the_torch_path(rows: int, monkeypatch: pytest.MonkeyPatch, kernels: Any) -> None:
+    ffn = _experts(rows)
+    g = torch.Generator().manual_seed(100 + rows)
+    x = torch.randn(rows, 48, generator=g)
+    local = torch.randint(0, 2, (rows,), generator=g) * 3  # experts 0 and 3 only: 1 and 2 get no rows
+    with torch.inference_mode():
+        got = kernels.expert_ffn(x, local, ffn.w1, ffn.w3, ffn.w2)
+        want = _torch_path(ffn, x, local, monkeypatch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(monkeypatch: pytest.MonkeyPatch, kernels: Any) -> None:
+    calls: list[int] = []
+
+    class Spy:
+        rows_linear = kernels.rows_linear
+
+        @staticmethod
+        def expert_ffn(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return kernels.expert_ffn(x, *args)
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: Spy)
+    ffn = _experts(7)
+    few, many = 2, KERNEL_ROWS_PER_EXPERT * 4 + 1
+    with torch.inference_mode():
+        for n in (few, many):
+            ffn(torch.randn(n, 48), torch.randint(0, 4, (n,)))
+    assert calls == [few]
+
+
+def test_rows_linear_concatenates_its_weights(kernels: Any) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=g)
+    ws = [torch.randn(n, 40, generator=g) for n in (70, 1, 33)]  # widths that split parallel chunks unevenly
+    torch.testing.assert_close(
+        kernels.rows_linear(x, ws), torch.cat([F.linear(x, w) for w in ws], -1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_malformed_input_is_refused_with_a_message(kernels: Any) -> None:
+    ffn = _experts(8)
+    x = torch.randn(2, 48)
+    with pytest.raises(RuntimeError, match="routed to expert 4 of 4"):
+        kernels.expert_ffn(x, torch.tensor([0, 4]), ffn.w1, ffn.w3, ffn.w2)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.expert_ffn(x, torch.tensor([0, 1], dtype=torch.int32), ffn.w1, ffn.w3, ffn.w2)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.rows_linear(x.double(), [torch.randn(4, 48)])
+    with pytest.raises(RuntimeError, match="takes 47"):
+        kernels.rows_linear(x, [torch.randn(4, 47)])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.rows_linear(x, [torch.randn(48, 4).T])
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.load() is None

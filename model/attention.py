@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
 from model.config import ModelConfig
 from model.kv_cache import FREED
 from model.linear import Linear, linear_cat
@@ -34,6 +35,7 @@ class AttentionGroup:
     q_rows: torch.Tensor  # [S, Tq] rows of the packed tokens
     k_index: torch.Tensor  # [S, Tk] rows of the key store: the call's own keys, or pool slots with a cache
     mask: torch.Tensor | None  # [S, Tq, Tk] bool, True where the query sees the key; None: sees all
+    key_lens: torch.Tensor | None = None  # [S] one-query groups: each query sees its first key_lens keys
 
 
 @dataclass
@@ -72,16 +74,15 @@ def plan_attention(
             raise ValueError(f"sequence {s} has {n} tokens; every packed sequence needs at least one")
         q_pos = positions[start : start + n]  # [Tq]
         first = int(q_pos[0])
-        if not torch.equal(q_pos, torch.arange(first, first + n, device=device)):
+        if n > 1 and not torch.equal(q_pos, torch.arange(first, first + n, device=device)):
             raise ValueError(f"positions of sequence {s} are not consecutive from {first}")
         if block_tables is None:
             k_pos = q_pos
             k_index = torch.arange(start, start + n, device=device)
         else:
-            table = torch.tensor(block_tables[s], dtype=torch.long, device=device)
             lo = 0 if window is None else max(0, first - window + 1)
             k_pos = torch.arange(lo, first + n, device=device)  # [Tk] every position the queries may see
-            k_index = _slots(table, k_pos, block_size, s)
+            k_index = _slots(block_tables[s], lo, first + n, block_size, s, device)
             write_slots.append(k_index[-n:])
         if n == 1:
             singles.append((start, k_index, k_pos))
@@ -96,7 +97,8 @@ def plan_attention(
         # Padded keys are placed in the far future, so the causal test alone hides them.
         k_pos = nn.utils.rnn.pad_sequence([p for _, _, p in bucket], batch_first=True, padding_value=_FUTURE)
         q_pos = positions[rows[:, 0]][:, None]  # [S, 1]
-        groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window)))
+        key_lens = torch.tensor([k.shape[0] for _, k, _ in bucket], dtype=torch.long, device=device)  # [S]
+        groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window), key_lens))
     slots = torch.cat(write_slots) if block_tables is not None else None
     return AttentionPlan(groups, slots)
 
@@ -119,18 +121,21 @@ def _length_buckets(
     return buckets
 
 
-def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int, seq: int) -> torch.Tensor:
-    """Flat pool slots [P] of positions [P] through a block table."""
-    logical = pos // block_size
-    if int(logical[-1]) >= table.shape[0]:
+def _slots(table: Sequence[int], lo: int, hi: int, block_size: int, seq: int, device: torch.device) -> torch.Tensor:
+    """Flat pool slots [hi - lo] of positions lo..hi-1 through a block table."""
+    first, last = lo // block_size, (hi - 1) // block_size
+    if last >= len(table):
         raise ValueError(
-            f"sequence {seq}: position {int(pos[-1])} needs block {int(logical[-1])} but its block table "
-            f"has {table.shape[0]} blocks of {block_size}"
+            f"sequence {seq}: position {hi - 1} needs block {last} but its block table "
+            f"has {len(table)} blocks of {block_size}"
         )
-    physical = table[logical]
-    if bool((physical == FREED).any()):
+    blocks = table[first : last + 1]
+    if FREED in blocks:
         raise ValueError(f"sequence {seq}: a position inside the attention window maps to a freed block")
-    return physical * block_size + pos % block_size
+    offsets = torch.arange(block_size, device=device)  # [B]
+    slots = torch.tensor(blocks, dtype=torch.long, device=device)[:, None] * block_size + offsets  # [blocks, B]
+    start = lo - first * block_size
+    return slots.flatten()[start : start + hi - lo]
 
 
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
@@ -175,7 +180,15 @@ class Attention(nn.Module):
             k_store[plan.write_slots] = k
             v_store[plan.write_slots] = v
         out = torch.empty_like(q)  # [T, Hq, D]
+        one_query = any(g.key_lens is not None for g in plan.groups)
+        kernels = cpu_kernels.load() if one_query and cpu_kernels.usable(q, k_store) else None
+        if kernels is not None:  # [P, Hkv, D] each (without a cache: this call's keys)
+            k_pool, v_pool = k_store.contiguous(), v_store.contiguous()
         for g in plan.groups:
+            if kernels is not None and g.key_lens is not None:  # one query per sequence: read the pool in place
+                rows = g.q_rows[:, 0]  # [S]
+                out[rows] = kernels.decode_attention(q[rows], k_pool, v_pool, g.k_index, g.key_lens, d**-0.5)
+                continue
             qg = q[g.q_rows].transpose(1, 2)  # [S, Tq, Hq, D] -> [S, Hq, Tq, D]
             kg = k_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]
             vg = v_store[g.k_index].transpose(1, 2)  # [S, Tk, Hkv, D] -> [S, Hkv, Tk, D]

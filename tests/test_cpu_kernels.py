@@ -1,5 +1,6 @@
-"""`model.cpu_kernels`: the C++ decode kernels build on this machine, equal the torch path up to
-summation order, refuse malformed input with a message, and can be switched off."""
+"""`model.cpu_kernels`: the C++ decode kernels (projections, experts, attention) build on this
+machine, equal the torch path up to summation order, refuse malformed input with a message, and
+can be switched off."""
 
 from __future__ import annotations
 
@@ -75,6 +76,21 @@ def test_rows_linear_concatenates_its_weights(kernels: Any) -> None:
     )
 
 
+def test_decode_attention_equals_sdpa_over_gathered_keys(kernels: Any) -> None:
+    g = torch.Generator().manual_seed(6)
+    s, hq, hkv, d, pool = 3, 8, 2, 16, 40
+    q = torch.randn(s, hq, d, generator=g)
+    k_pool, v_pool = torch.randn(pool, hkv, d, generator=g), torch.randn(pool, hkv, d, generator=g)
+    lens = [7, 1, 12]
+    k_index = torch.stack([torch.randperm(pool, generator=g)[:12] for _ in range(s)])  # [S, 12], tails are padding
+    got = kernels.decode_attention(q, k_pool, v_pool, k_index, torch.tensor(lens), 0.25)
+    for i, n in enumerate(lens):
+        keys = k_pool[k_index[i, :n]].transpose(0, 1)  # [Hkv, n, D]
+        values = v_pool[k_index[i, :n]].transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[i][:, None], keys, values, scale=0.25, enable_gqa=True)  # [Hq, 1, D]
+        torch.testing.assert_close(got[i], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_malformed_input_is_refused_with_a_message(kernels: Any) -> None:
     ffn = _experts(8)
     x = torch.randn(2, 48)
@@ -88,6 +104,15 @@ def test_malformed_input_is_refused_with_a_message(kernels: Any) -> None:
         kernels.rows_linear(x, [torch.randn(4, 47)])
     with pytest.raises(RuntimeError, match="contiguous float32"):
         kernels.rows_linear(x, [torch.randn(48, 4).T])
+    q, pool = torch.randn(1, 4, 8), torch.randn(10, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.decode_attention(q, pool, pool, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0)
+    with pytest.raises(RuntimeError, match="has 3 keys of 2"):
+        kernels.decode_attention(q, pool, pool, torch.tensor([[3, 4]]), torch.tensor([3]), 1.0)
+    with pytest.raises(RuntimeError, match="dividing the 4 query heads"):
+        kernels.decode_attention(
+            q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), torch.tensor([[1]]), torch.tensor([1]), 1.0
+        )
 
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -124,7 +125,64 @@ torch::Tensor expert_ffn(const torch::Tensor& x, const torch::Tensor& expert, co
   return y;
 }
 
+// One query per sequence against its keys in the paged pool (decode): q [S, Hq, D], k_pool and
+// v_pool [P, Hkv, D], k_index [S, Tk] (pool rows of each sequence's keys, padded), key_lens [S]
+// (keys of each sequence: its first key_lens[s] entries of k_index, all visible to its query)
+// -> [S, Hq, D] = softmax(scale q k^T) v per head, query head h reading kv head h / (Hq / Hkv).
+// Replaces the gather of keys and values, SDPA and the scatter back: one parallel region.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                               const torch::Tensor& k_index, const torch::Tensor& key_lens, double scale) {
+  check_fp32(q, "q", 3);
+  check_fp32(k_pool, "k_pool", 3);
+  check_fp32(v_pool, "v_pool", 3);
+  const int64_t s = q.size(0), hq = q.size(1), d = q.size(2), pool = k_pool.size(0), hkv = k_pool.size(1);
+  TORCH_CHECK(k_pool.sizes() == v_pool.sizes() && k_pool.size(2) == d && hkv > 0 && hq % hkv == 0,
+              "k_pool and v_pool must be [P, Hkv, D] with Hkv dividing the ", hq, " query heads");
+  for (const auto* t : {&k_index, &key_lens})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->is_contiguous(),
+                "k_index and key_lens must be contiguous int64 CPU tensors");
+  TORCH_CHECK(k_index.dim() == 2 && k_index.size(0) == s && key_lens.dim() == 1 && key_lens.size(0) == s,
+              "k_index must be [S, Tk] and key_lens [S] for S = ", s, " queries");
+  const int64_t tk = k_index.size(1), group = hq / hkv;
+  const int64_t* idx = k_index.data_ptr<int64_t>();
+  const int64_t* lens = key_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= tk, "query ", i, " has ", lens[i], " keys of ", tk);
+    for (int64_t j = 0; j < lens[i]; ++j)
+      TORCH_CHECK(idx[i * tk + j] >= 0 && idx[i * tk + j] < pool, "key slot ", idx[i * tk + j], " is outside the pool");
+  }
+  auto out = torch::empty({s, hq, d}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_pool.data_ptr<float>();
+  const float* vp = v_pool.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, s * hq, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> p(tk);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t i = task / hq, h = task % hq, kvh = h / group, n = lens[i];
+      const float* qv = qp + task * d;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = static_cast<float>(scale) * dot(qv, kp + (idx[i * tk + j] * hkv + kvh) * d, d);
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      float* ov = op + task * d;
+      for (int64_t c = 0; c < d; ++c) ov[c] = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j] / total;
+        const float* vv = vp + (idx[i * tk + j] * hkv + kvh) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) ov[c] += w * vv[c];
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_linear", &rows_linear, "x [N, IN] times each w_j [OUT_j, IN]^T, side by side, for few rows");
   m.def("expert_ffn", &expert_ffn, "SwiGLU experts on few rows, each row through its own expert");
+  m.def("decode_attention", &decode_attention, "one query per sequence against its keys in the paged pool");
 }

@@ -31,8 +31,10 @@ from model.config import ModelConfig, preset_names
 
 logger = logging.getLogger("mixtral_cluster.bench")
 
-QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1}
-FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2}
+QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1,
+         "roofline_rounds": 3}  # fmt: skip
+FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2,
+        "roofline_rounds": 8}  # fmt: skip
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -106,16 +108,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("roofline: batch-1 decode against the memory bandwidth")
             itemsize = torch.empty((), dtype=dtype).element_size()
             nbytes = roofline.decode_bytes(config, itemsize)
-            # This VM's memory bandwidth swings between ~47 and ~80 GB/s from one second to the
-            # next, so it is sampled around the decode measurement and the best sample is the floor.
-            samples = [throughput.on_own_thread(lambda: roofline.memory_bandwidth(device=args.device))]
-            measured = roofline.batch1_decode_ms(single, prompts[0][:32], max(new_tokens, 32))
-            samples.append(throughput.on_own_thread(lambda: roofline.memory_bandwidth(device=args.device)))
-            bandwidth = max(samples)
-            floor = 1000 * nbytes / bandwidth
-            result["roofline"] = {"bytes_per_step": nbytes, "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor,
-                                  "bandwidth_samples_gb_s": [b / 1e9 for b in samples],
-                                  "measured_ms": measured, "ratio": measured / floor}  # fmt: skip
+            result["roofline"] = roofline.paired_rounds(
+                single,
+                prompts[0][:32],
+                nbytes,
+                lambda: throughput.on_own_thread(lambda: roofline.memory_bandwidth(device=args.device)),
+                size["roofline_rounds"],
+                max(new_tokens, 32),
+            )
 
     import ray
 

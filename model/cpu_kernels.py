@@ -5,11 +5,13 @@ intermediate size.
 
 At batch 1 a decode step is a chain of matrix-vector products, and on CPU their time is the
 weight bytes over the read bandwidth plus a fixed cost per call. oneDNN (`model/linear.py`)
-reads a 2 MB weight in ~56 us on this project's 2-core machines where the read alone takes
-~38 us, and the SwiGLU experts of a layer are ~20 eager ops. `csrc/small_rows.cpp` holds two
-plain C++ loops the compiler vectorises for the host CPU: `rows_linear` (x W^T for a few rows,
-each weight row read once) and `expert_ffn` (a layer's experts for a few rows in two parallel
-regions). They sum in a different order than oneDNN; both are exact fp32 dot products.
+takes ~56 us for a 2 MB weight at one row on this project's 2-core machines, where a plain loop
+that reads each weight row once takes ~30 us; a layer's SwiGLU experts are ~20 eager ops, and
+attention for one query per sequence is a gather, SDPA and a scatter. `csrc/small_rows.cpp`
+holds three plain C++ loops the compiler vectorises for the host CPU: `rows_linear` (x W^T for
+a few rows, several weights side by side), `expert_ffn` (a layer's experts for a few rows in two
+parallel regions) and `decode_attention` (one query per sequence against its keys in the paged
+pool). They accumulate in fp32 like torch's kernels, in a different order.
 
 The extension is built with torch's JIT builder (g++ and ninja) into torch's extension cache,
 keyed by the source and the CPU's feature flags, the first time a process asks for it
@@ -42,7 +44,8 @@ def enabled() -> bool:
 
 
 def load() -> Any | None:
-    """The compiled module (`rows_linear`, `expert_ffn`), or None if switched off or unbuildable."""
+    """The compiled module (`rows_linear`, `expert_ffn`, `decode_attention`), or None if switched
+    off or unbuildable."""
     if not enabled():
         return None
     if "module" in _loaded:

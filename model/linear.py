@@ -66,23 +66,25 @@ def linear_cat(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor
     Projections of the same input (q, k and v) take one kernel call at few rows."""
     path = path_for(x, *weights)
     if path == "torch":
-        ys = [F.linear(x, w) for w in weights]
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        return _joined([F.linear(x, w) for w in weights], dim=-1)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # [N, IN]
     if path == "kernel":
         kernels = cpu_kernels.load()
         assert kernels is not None
         y = kernels.rows_linear(rows, [w.contiguous() for w in weights])  # [N, OUT]
     else:
-        ys = [_onednn(rows, w.contiguous()) for w in weights]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [N, OUT]
+        y = _joined([_onednn(rows, w.contiguous()) for w in weights], dim=-1)  # [N, OUT]
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _onednn(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """rows [N, IN] -> [N, OUT] in tiles of at most ROW_TILE rows."""
-    tiles = [_onednn_rows(rows[i : i + ROW_TILE], weight) for i in range(0, rows.shape[0], ROW_TILE)]
-    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+    return _joined([_onednn_rows(rows[i : i + ROW_TILE], weight) for i in range(0, rows.shape[0], ROW_TILE)], dim=0)
+
+
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, without its copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def padded_rows(n: int) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import cpu_kernels
 from model.checkpoint import Checkpoint, CheckpointError, weight_names
+from model.kernels import KernelChoice, select_kernels
 from model.mixtral import Mixtral
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ def load_into(
                 f"parameter {pname} of {type(module).__name__} was not fully loaded from {checkpoint.path}"
             )
     module.requires_grad_(False)
-    if torch.device(device).type == "cpu" and dtype == torch.float32:
-        cpu_kernels.load()  # built (once per machine) while loading, not inside the first step
     return module
 
 
@@ -78,8 +76,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    kernels: KernelChoice = "auto",
 ) -> Mixtral:
-    """The whole model from a checkpoint directory (HF or Mistral layout), in eval mode.
+    """The whole model from a checkpoint directory (HF or Mistral layout), in eval mode, running
+    on the `kernels` chosen for its device and dtype (`model.kernels.select_kernels`).
 
     The checkpoint must hold exactly the model's tensors: a missing one, or one nobody loads,
     is an error.
@@ -92,8 +92,9 @@ def load_model(
             f"checkpoint {checkpoint.path} has {len(unused)} tensors that no part of the model loads, e.g. "
             f"{', '.join(unused[:3])} (does its config match the weights?)"
         )
+    chosen = select_kernels(kernels, device, dtype)  # the CPU loops compile here, not in a first step
     with torch.device("meta"):
-        model = Mixtral(checkpoint.config)
+        model = Mixtral(checkpoint.config, kernels=chosen)
     load_into(model, checkpoint, names, device=device, dtype=dtype, progress=progress)
     logger.info("loaded %s parameters from %s (%s layout)", checkpoint.config.num_parameters, path, checkpoint.layout)
     return model.eval()

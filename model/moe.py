@@ -4,23 +4,24 @@ Shape legend: T = tokens, H = hidden, I = expert intermediate size, E = experts 
 K = experts per token, N = (token, expert) rows handed to an expert set (T*K in one process).
 
 The gate, `route` and the experts are separate pieces so that the distributed engine can run
-them on different workers (router actor: gate + route; expert groups: `ExpertFFN` on a subset
-of experts) with exactly the code the single-process model runs.
+them on different workers: `SparseMoE` takes the expert computation as a call, which is its own
+experts in one process and the all-to-all exchange with the expert groups in a router actor;
+an expert group runs `ExpertFFN` on the subset of experts it holds. Same code, either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_kernels
 from model.config import ModelConfig
-from model.linear import Linear, linear
+from model.kernels import Kernels, TorchKernels
+from model.linear import Linear
 
-KERNEL_ROWS_PER_EXPERT = 4  # up to this many rows per expert held (on average), `cpu_kernels.expert_ffn`
+ExpertsCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x [T, H], expert ids [T, K]) -> each (token, expert) pair's expert output [T*K, H], token-major."""
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,40 +43,20 @@ class ExpertFFN(nn.Module):
     an expert-group actor); rows are addressed by *local* index into that list.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, expert_ids: Sequence[int]) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, expert_ids: Sequence[int], kernels: Kernels | None = None
+    ) -> None:
         super().__init__()
         self.expert_ids = list(expert_ids)
+        self.kernels = kernels or TorchKernels()
         e = len(self.expert_ids)
         self.w1 = nn.Parameter(torch.empty(e, intermediate_size, hidden_size))  # gate_proj
         self.w3 = nn.Parameter(torch.empty(e, intermediate_size, hidden_size))  # up_proj
         self.w2 = nn.Parameter(torch.empty(e, hidden_size, intermediate_size))  # down_proj
 
     def forward(self, x: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
-        """x [N, H], local_expert [N] -> [N, H]: each row through its one expert.
-
-        Rows are sorted by expert and each expert that has rows runs one matmul chain over its
-        contiguous slice; no per-token loop. With few rows (a decode step) on CPU in fp32, one
-        call of the C++ kernel does all of it, reading each expert's weights once (a layer's
-        experts for one token in ~0.13 ms instead of ~0.35 ms of eager ops).
-        """
-        if len(x) <= KERNEL_ROWS_PER_EXPERT * len(self.expert_ids) and cpu_kernels.usable(x, self.w1):
-            kernels = cpu_kernels.load()
-            if kernels is not None:
-                return kernels.expert_ffn(x.contiguous(), local_expert, self.w1, self.w3, self.w2)
-        order = torch.argsort(local_expert, stable=True)  # [N]
-        counts = torch.bincount(local_expert, minlength=len(self.expert_ids)).tolist()
-        xs = x[order]  # [N, H] grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                xe = xs[start : start + n]  # [n, H]
-                h = F.silu(linear(xe, self.w1[e])) * linear(xe, self.w3[e])  # [n, I]
-                ys[start : start + n] = linear(h, self.w2[e])  # [n, H]
-                start += n
-        out = torch.empty_like(ys)
-        out[order] = ys
-        return out
+        """x [N, H], local_expert [N] -> [N, H]: each row through its one expert."""
+        return self.kernels.experts(x, local_expert, self.w1, self.w3, self.w2)
 
 
 def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -87,22 +68,39 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 class SparseMoE(nn.Module):
     """Gate + experts. With both (one process) it is the reference the distributed path must
-    equal; a router holds only the gate (`experts=()`), an expert group only its experts
-    (`gate=False`). `experts=None` means all of them."""
+    equal; a router holds only the gate (`experts=()`) and passes the exchange with the expert
+    groups as `experts` to `forward`; an expert group holds only its experts (`gate=False`).
+    `experts=None` means all of them."""
 
-    def __init__(self, config: ModelConfig, gate: bool = True, experts: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        gate: bool = True,
+        experts: Sequence[int] | None = None,
+        kernels: Kernels | None = None,
+    ) -> None:
         super().__init__()
+        kernels = kernels or TorchKernels()
         self.top_k = config.experts_per_token
         self.num_experts = config.num_experts
-        self.gate = Linear(config.hidden_size, config.num_experts) if gate else None
+        self.gate = Linear(config.hidden_size, config.num_experts, kernels) if gate else None
         ids = range(config.num_experts) if experts is None else experts
-        self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, ids) if len(ids) else None
+        self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, ids, kernels) if len(ids) else None
 
-    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H] -> [T, H]; adds the tokens routed to each expert into `expert_counts` [E] if given."""
-        assert self.gate is not None and self.experts is not None, "a partial MoE block cannot run alone"
-        weights, experts = route(self.gate(x), self.top_k)  # [T, K], [T, K]
+    def forward(
+        self, x: torch.Tensor, expert_counts: torch.Tensor | None = None, experts: ExpertsCall | None = None
+    ) -> torch.Tensor:
+        """x [T, H] -> [T, H]; adds the tokens routed to each expert into `expert_counts` [E] if given.
+
+        `experts` computes the chosen experts' outputs; by default the experts held here."""
+        assert self.gate is not None, "an MoE block without its gate cannot route"
+        weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
         if expert_counts is not None:
-            expert_counts += torch.bincount(experts.flatten(), minlength=self.num_experts).to(expert_counts)
-        rows = x.repeat_interleave(self.top_k, dim=0)  # [T*K, H], token-major like experts.flatten()
-        return combine(self.experts(rows, experts.flatten()), weights)
+            expert_counts += torch.bincount(ids.flatten(), minlength=self.num_experts).to(expert_counts)
+        return combine((experts or self.local_experts)(x, ids), weights)
+
+    def local_experts(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The experts held here: x [T, H], ids [T, K] -> [T*K, H] token-major."""
+        assert self.experts is not None, "this MoE block holds no experts; pass the call that reaches them"
+        rows = x.repeat_interleave(self.top_k, dim=0)  # [T*K, H], token-major like ids.flatten()
+        return self.experts(rows, ids.flatten())

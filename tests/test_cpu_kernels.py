@@ -1,6 +1,6 @@
-"""`model.cpu_kernels`: the C++ decode kernels (projections, experts, attention) build on this
-machine, equal the torch path up to summation order, refuse malformed input with a message, and
-can be switched off."""
+"""The kernel seam and the C++ decode kernels (projections, experts, attention): they build on
+this machine, equal the reference (torch) kernels up to summation order, refuse malformed input
+with a message, and are chosen once per model from the config's `kernels` field."""
 
 from __future__ import annotations
 
@@ -10,44 +10,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import cpu_kernels
-from model.moe import KERNEL_ROWS_PER_EXPERT, ExpertFFN
+from model.kernels import CpuKernels, TorchKernels, compiled, select_kernels
+from model.kernels.cpu import KERNEL_ROWS_PER_EXPERT
+from model.loader import load_model
+from model.moe import ExpertFFN
+from tests.helpers import GRID_BASE
 
 
 @pytest.fixture(scope="module")
 def kernels() -> Any:
-    module = cpu_kernels.load()
-    assert module is not None, "the C++ kernels did not build here (see the warning logged by model.cpu_kernels)"
+    module = compiled.build()
+    assert module is not None, "the C++ kernels did not build here (see the warning logged by model.kernels)"
     return module
 
 
-def _experts(seed: int, held: int = 4, hidden: int = 48, inter: int = 80) -> ExpertFFN:
+def _experts(seed: int, held: int = 4, hidden: int = 48, inter: int = 80, kernels: Any = None) -> ExpertFFN:
     g = torch.Generator().manual_seed(seed)
-    ffn = ExpertFFN(hidden, inter, expert_ids=range(10, 10 + held))
+    ffn = ExpertFFN(hidden, inter, expert_ids=range(10, 10 + held), kernels=kernels)
     for p in ffn.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.2
     return ffn
 
 
-def _torch_path(ffn: ExpertFFN, x: torch.Tensor, local: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    with monkeypatch.context() as m:
-        m.setenv(cpu_kernels.ENV_SWITCH, "0")
-        return ffn(x, local)
-
-
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
-def test_expert_ffn_equals_the_torch_path(rows: int, monkeypatch: pytest.MonkeyPatch, kernels: Any) -> None:
+def test_expert_ffn_equals_the_torch_path(rows: int, kernels: Any) -> None:
     ffn = _experts(rows)
     g = torch.Generator().manual_seed(100 + rows)
     x = torch.randn(rows, 48, generator=g)
     local = torch.randint(0, 2, (rows,), generator=g) * 3  # experts 0 and 3 only: 1 and 2 get no rows
     with torch.inference_mode():
         got = kernels.expert_ffn(x, local, ffn.w1, ffn.w3, ffn.w2)
-        want = _torch_path(ffn, x, local, monkeypatch)
+        want = TorchKernels().experts(x, local, ffn.w1, ffn.w3, ffn.w2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(monkeypatch: pytest.MonkeyPatch, kernels: Any) -> None:
+def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(kernels: Any) -> None:
     calls: list[int] = []
 
     class Spy:
@@ -58,8 +55,7 @@ def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(monkeypatch: pytest
             calls.append(len(x))
             return kernels.expert_ffn(x, *args)
 
-    monkeypatch.setattr(cpu_kernels, "load", lambda: Spy)
-    ffn = _experts(7)
+    ffn = _experts(7, kernels=CpuKernels(Spy))
     few, many = 2, KERNEL_ROWS_PER_EXPERT * 4 + 1
     with torch.inference_mode():
         for n in (few, many):
@@ -115,6 +111,23 @@ def test_malformed_input_is_refused_with_a_message(kernels: Any) -> None:
         )
 
 
-def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    assert cpu_kernels.load() is None
+def test_kernels_are_chosen_once_for_the_models_device_and_dtype(checkpoint_factory: Any) -> None:
+    assert type(select_kernels("auto", "cpu", torch.float32)) is CpuKernels
+    assert type(select_kernels("auto", "cpu", torch.bfloat16)) is TorchKernels
+    assert type(select_kernels("auto", "cuda", torch.float32)) is TorchKernels
+    assert type(select_kernels("torch", "cpu", torch.float32)) is TorchKernels
+    with pytest.raises(ValueError, match=r"kernels .cpu. run float32 models on the CPU; this one is torch\.bfloat16"):
+        select_kernels("cpu", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="kernels must be one of auto, torch, cpu"):
+        select_kernels("triton", "cpu", torch.float32)  # type: ignore[arg-type]
+
+    path = checkpoint_factory(GRID_BASE)
+    tokens, positions = torch.tensor([1, 5, 9, 2, 7]), torch.tensor([0, 1, 2, 0, 1])
+    logits = {}
+    for choice in ("torch", "cpu"):
+        model = load_model(path, kernels=choice)
+        held = {id(m.kernels) for m in model.modules() if hasattr(m, "kernels")}
+        assert held == {id(model.kernels)} and model.kernels.name == choice  # one object, shared by every layer
+        with torch.inference_mode():
+            logits[choice] = model(tokens, positions, [3, 2])
+    torch.testing.assert_close(logits["cpu"], logits["torch"], rtol=1e-4, atol=1e-4)

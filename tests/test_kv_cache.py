@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import CacheBatch, KVCache, load_model
-from model.attention import plan_attention
+from model.attention_plan import plan_attention
 from model.kv_cache import FREED
 from tests.helpers import grid_config
 

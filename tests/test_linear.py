@@ -1,6 +1,6 @@
-"""`model.linear`: our kernel (few rows) and oneDNN (more rows) for CPU fp32 projections give
-F.linear's results (up to summation order), keep nn.Linear's parameters, and step aside where
-they do not apply."""
+"""Projections on the CPU kernels: the compiled loop (few rows) and oneDNN (more rows) give
+F.linear's results (up to summation order), `Linear` keeps nn.Linear's parameters, and the
+kernels step aside (to F.linear) where they do not apply."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import cpu_kernels
-from model.linear import KERNEL_ROWS, ROW_TILE, Linear, linear, linear_cat, padded_rows, path_for
+from model.kernels import CpuKernels
+from model.kernels.cpu import KERNEL_ROWS, ROW_TILE, padded_rows
+from model.linear import Linear
+
+CPU = CpuKernels.for_this_machine()
+ONEDNN_ONLY = CpuKernels(None)  # as where the C++ loops cannot be built
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return CPU.linear(x, (w,))
 
 
 # 1, 4, (2, 2): our kernel; 7, 17, (3, 5): oneDNN; 300: two oneDNN tiles
@@ -32,15 +40,14 @@ def test_strided_inputs_and_weight_views() -> None:
     torch.testing.assert_close(y, x @ stacked[2].T, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_fp32_inference_takes_our_kernel_at_few_rows_and_onednn_beyond(monkeypatch: pytest.MonkeyPatch) -> None:
-    w = torch.randn(4, 8)
+def test_cpu_fp32_inference_takes_the_compiled_loop_at_few_rows_and_onednn_beyond() -> None:
+    w = (torch.randn(4, 8),)
     with torch.inference_mode():
-        assert path_for(torch.randn(KERNEL_ROWS, 8), w) == "kernel"
-        assert path_for(torch.randn(KERNEL_ROWS + 1, 8), w) == "onednn"
-        assert path_for(torch.randn(2, 8).bfloat16(), w.bfloat16()) == "torch"  # other dtypes keep F.linear
-        assert path_for(torch.randn(2, 9), w) == "torch"  # and F.linear's error for a wrong width
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-        assert path_for(torch.randn(1, 8), w) == "onednn"
+        assert CPU.path_for(torch.randn(KERNEL_ROWS, 8), w) == "compiled"
+        assert CPU.path_for(torch.randn(KERNEL_ROWS + 1, 8), w) == "onednn"
+        assert CPU.path_for(torch.randn(2, 8).bfloat16(), (w[0].bfloat16(),)) == "torch"  # other dtypes: F.linear
+        assert CPU.path_for(torch.randn(2, 9), w) == "torch"  # and F.linear's error for a wrong width
+        assert ONEDNN_ONLY.path_for(torch.randn(1, 8), w) == "onednn"
 
 
 def test_q_k_and_v_in_one_call_equal_three_projections() -> None:
@@ -49,7 +56,7 @@ def test_q_k_and_v_in_one_call_equal_three_projections() -> None:
     for rows in (1, 3, 40):
         x = torch.randn(rows, 64, generator=g)
         with torch.inference_mode():
-            y = linear_cat(x, ws)
+            y = CPU.linear(x, ws)
         torch.testing.assert_close(y, torch.cat([F.linear(x, w) for w in ws], dim=-1), rtol=1e-5, atol=1e-5)
 
 
@@ -77,7 +84,7 @@ def test_a_wrong_input_width_fails_like_f_linear() -> None:
 
 
 def test_module_keeps_nn_linear_parameters() -> None:
-    m = Linear(8, 4)
+    m = Linear(8, 4, CPU)
     assert list(m.state_dict()) == ["weight"] and m.weight.shape == (4, 8)
     x = torch.randn(3, 8)
     with torch.inference_mode():

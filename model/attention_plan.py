@@ -1,0 +1,142 @@
+"""The attention plan: which keys each query of a forward call sees, as index tensors.
+
+Shape legend: T = packed tokens of the call, S = sequences in one attention group, Tq / Tk =
+queries / keys per sequence (padded within a group).
+
+Several sequences are packed flat (`seq_lens` tokens each). Query i of a sequence may see key j
+of the same sequence when `pos_j <= pos_i` and, with a sliding window W, `pos_i - W < pos_j`.
+Sequences never see each other. `plan_attention` turns positions, lengths and block tables
+into index tensors once per forward; every layer (and the attention kernel) reuses that plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.kv_cache import FREED
+
+_FUTURE = 2**62  # key position given to padding: later than any query
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended by one SDPA call, padded to common query and key counts."""
+
+    q_rows: torch.Tensor  # [S, Tq] rows of the packed tokens
+    k_index: torch.Tensor  # [S, Tk] rows of the key store: the call's own keys, or pool slots with a cache
+    mask: torch.Tensor | None  # [S, Tq, Tk] bool, True where the query sees the key; None: sees all
+    key_lens: torch.Tensor | None = None  # [S] one-query groups: each query sees its first key_lens keys
+
+
+@dataclass
+class AttentionPlan:
+    groups: list[AttentionGroup]
+    write_slots: torch.Tensor | None  # [T] pool slot of each new token; None without a cache
+
+
+def plan_attention(
+    positions: torch.Tensor,
+    seq_lens: Sequence[int],
+    window: int | None,
+    block_tables: Sequence[Sequence[int]] | None = None,
+    block_size: int = 0,
+) -> AttentionPlan:
+    """Index tensors for one forward call.
+
+    Without a cache each sequence's keys are its own new tokens. With one, new keys are written
+    to `write_slots` and each sequence reads every cached position its queries may see, so the
+    same call serves prefill, chunked prefill and decode. Single-token sequences (decode) share
+    one padded group; longer ones get a group each (no quadratic padding across prompts).
+    """
+    device = positions.device
+    total = int(positions.shape[0])
+    if sum(seq_lens) != total:
+        raise ValueError(f"seq_lens sum to {sum(seq_lens)} but {total} positions were given")
+    if block_tables is not None and len(block_tables) != len(seq_lens):
+        raise ValueError(f"{len(block_tables)} block tables for {len(seq_lens)} sequences")
+
+    groups: list[AttentionGroup] = []
+    singles: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, key index [Tk], key positions [Tk])
+    write_slots: list[torch.Tensor] = []
+    start = 0
+    for s, n in enumerate(seq_lens):
+        if n <= 0:
+            raise ValueError(f"sequence {s} has {n} tokens; every packed sequence needs at least one")
+        q_pos = positions[start : start + n]  # [Tq]
+        first = int(q_pos[0])
+        if n > 1 and not torch.equal(q_pos, torch.arange(first, first + n, device=device)):
+            raise ValueError(f"positions of sequence {s} are not consecutive from {first}")
+        if block_tables is None:
+            k_pos = q_pos
+            k_index = torch.arange(start, start + n, device=device)
+        else:
+            lo = 0 if window is None else max(0, first - window + 1)
+            k_pos = torch.arange(lo, first + n, device=device)  # [Tk] every position the queries may see
+            k_index = _slots(block_tables[s], lo, first + n, block_size, s, device)
+            write_slots.append(k_index[-n:])
+        if n == 1:
+            singles.append((start, k_index, k_pos))
+        else:
+            rows = torch.arange(start, start + n, device=device)
+            groups.append(AttentionGroup(rows[None], k_index[None], _mask(q_pos[None], k_pos[None], window)))
+        start += n
+
+    for bucket in _length_buckets(singles):
+        rows = torch.tensor([r for r, _, _ in bucket], dtype=torch.long, device=device)[:, None]  # [S, 1]
+        k_index = nn.utils.rnn.pad_sequence([k for _, k, _ in bucket], batch_first=True)  # [S, Tk]
+        # Padded keys are placed in the far future, so the causal test alone hides them.
+        k_pos = nn.utils.rnn.pad_sequence([p for _, _, p in bucket], batch_first=True, padding_value=_FUTURE)
+        q_pos = positions[rows[:, 0]][:, None]  # [S, 1]
+        key_lens = torch.tensor([k.shape[0] for _, k, _ in bucket], dtype=torch.long, device=device)  # [S]
+        groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window), key_lens))
+    slots = torch.cat(write_slots) if block_tables is not None else None
+    return AttentionPlan(groups, slots)
+
+
+def _length_buckets(
+    singles: list[tuple[int, torch.Tensor, torch.Tensor]], min_fill: float = 0.75
+) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Decode sequences grouped by key count, so that padding stays under 1 - `min_fill` of a group.
+
+    One padded group for all would gather (and attend over) every sequence at the longest one's
+    length; with prompts of 8-512 tokens that is about half padding.
+    """
+    ordered = sorted(singles, key=lambda s: -s[1].shape[0])
+    buckets: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
+    for item in ordered:
+        if buckets and item[1].shape[0] >= min_fill * buckets[-1][0][1].shape[0]:
+            buckets[-1].append(item)
+        else:
+            buckets.append([item])
+    return buckets
+
+
+def _slots(table: Sequence[int], lo: int, hi: int, block_size: int, seq: int, device: torch.device) -> torch.Tensor:
+    """Flat pool slots [hi - lo] of positions lo..hi-1 through a block table."""
+    first, last = lo // block_size, (hi - 1) // block_size
+    if last >= len(table):
+        raise ValueError(
+            f"sequence {seq}: position {hi - 1} needs block {last} but its block table "
+            f"has {len(table)} blocks of {block_size}"
+        )
+    blocks = table[first : last + 1]
+    if FREED in blocks:
+        raise ValueError(f"sequence {seq}: a position inside the attention window maps to a freed block")
+    offsets = torch.arange(block_size, device=device)  # [B]
+    slots = torch.tensor(blocks, dtype=torch.long, device=device)[:, None] * block_size + offsets  # [blocks, B]
+    start = lo - first * block_size
+    return slots.flatten()[start : start + hi - lo]
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """[S, Tq, Tk] visibility from query positions [S, Tq] and key positions [S, Tk]; None when
+    every query sees every key (a decode group with no padding), which spares SDPA the mask."""
+    dist = q_pos[:, :, None] - k_pos[:, None, :]  # [S, Tq, Tk]
+    visible = dist >= 0
+    if window is not None:
+        visible &= dist < window
+    return None if bool(visible.all()) else visible

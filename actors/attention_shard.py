@@ -1,38 +1,31 @@
 """AttentionShard: embeddings, attention of every layer, the final norm, lm_head, sampling,
 and the paged KV cache of the sequences that live on it.
 
-Shape legend: T = this shard's tokens in the step, H = hidden.
+Shape legend: T = this shard's tokens in the step, H = hidden, S' = sequences that sample.
+
+It runs the model's one layer loop (`Mixtral.hidden_states`); the MoE half of each layer is
+`moe_over_data_plane`: the rows go to this shard's router and the combined output comes back.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from actors.worker import Worker
-from cluster.batch import Sampled, Sampler, pack
-from cluster.placement import WorkerSpec
-from cluster.protocol import StepPlan
-from model.config import ModelConfig
 from model.kv_cache import CacheBatch, KVCache
+from protocol.step import Sampled, Sampler, StepPlan, pack
+from protocol.worker import WorkerSetup, WorkerSpec
 
 
 class AttentionShard(Worker):
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        checkpoint: str,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        device: str,
-        router_rank: int,
-        num_blocks: int,
-        block_size: int,
-        torch_threads: int = 1,
-    ) -> None:
-        super().__init__(spec, checkpoint, config, dtype, device, torch_threads)
-        self.router_rank = router_rank
-        self.cache = KVCache.allocate(config, num_blocks, block_size, dtype, self.device)
+    def __init__(self, spec: WorkerSpec, setup: WorkerSetup) -> None:
+        super().__init__(spec, setup)
+        self.router_rank = setup.router_ranks[spec.router]
+        block_size = setup.config.engine.block_size
+        self.cache = KVCache.allocate(self.config, setup.num_blocks, block_size, self.dtype, self.device)
         self.sampler = Sampler()
 
     @torch.inference_mode()
@@ -44,25 +37,24 @@ class AttentionShard(Worker):
         if not batch.chunks:  # nothing here this step; the router expects no rows from us
             clock.end_step()
             return []
-        m = self.model
-        with clock("attention"):
+        with clock("attention"):  # the layer loop; its moe_wait spans are charged to moe_wait
             p = pack(batch, self.device)
             cache = CacheBatch(self.cache, p.block_tables)
-            cos, sin, attn_plan = m.prepare(p.positions, p.seq_lens, cache)
-            h = m.embed_tokens(p.tokens)  # [T, H]
-        for i, layer in enumerate(m.decoder_layers()):
-            with clock("attention"):
-                x, moe_in = layer.attention_block(h, cos, sin, attn_plan, cache.layer(i))  # [T, H] each
-            with clock("moe_wait"):  # the router, the expert groups and the wires between
-                dist.send(moe_in.contiguous(), self.router_rank)
-                moe_out = torch.empty_like(moe_in)  # [T, H]
-                dist.recv(moe_out, self.router_rank)
-            h = x + moe_out
+            h = self.model.hidden_states(
+                p.tokens, p.positions, p.seq_lens, cache, self.moe_over_data_plane, p.logit_rows
+            )  # [S', H]
         with clock("head"):
-            logits = m.lm_head(m.norm(h[p.logit_rows]))  # [S', V]
-            sampled = self.sampler.sample(batch, logits)
+            sampled = self.sampler.sample(batch, self.model.lm_head(h))  # logits [S', V]
         clock.end_step()
         return sampled
 
-    def cached_sequences(self) -> int:
-        return len(self.sampler)
+    def moe_over_data_plane(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A layer's MoE half: x [T, H] to the router, its combined expert output [T, H] back."""
+        with self.clock("moe_wait"):  # the router, the expert groups and the wires between
+            dist.send(x.contiguous(), self.router_rank)
+            out = torch.empty_like(x)
+            dist.recv(out, self.router_rank)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"num_blocks": self.cache.num_blocks, "block_size": self.cache.block_size}

@@ -9,29 +9,19 @@ import torch
 
 from actors.dispatch import MAX_EXPERTS_IN_COLUMN, group_exchange
 from actors.worker import Worker
-from cluster.placement import WorkerSpec
-from cluster.protocol import StepPlan
-from model.config import ModelConfig
 from model.moe import ExpertFFN
+from protocol.step import StepPlan
+from protocol.worker import WorkerSetup, WorkerSpec
 
 
 class ExpertGroup(Worker):
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        checkpoint: str,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        device: str,
-        num_routers: int,
-        num_groups: int,
-        torch_threads: int = 1,
-    ) -> None:
+    def __init__(self, spec: WorkerSpec, setup: WorkerSetup) -> None:
+        config = setup.model
         if config.num_experts > MAX_EXPERTS_IN_COLUMN:
             raise ValueError(f"at most {MAX_EXPERTS_IN_COLUMN} experts are supported, got {config.num_experts}")
-        super().__init__(spec, checkpoint, config, dtype, device, torch_threads)
-        self.num_routers = num_routers
-        self.num_groups = num_groups
+        super().__init__(spec, setup)
+        self.num_routers = setup.config.cluster.routers
+        self.num_groups = setup.config.cluster.expert_groups
         local = torch.full((config.num_experts,), -1, dtype=torch.long, device=self.device)
         local[list(spec.experts)] = torch.arange(len(spec.experts), device=self.device)
         self.local_of = local  # [E] global expert id -> slot here (-1: not ours)

@@ -1,41 +1,34 @@
 """Router: every layer's gate for the tokens of its attention shards, and the all-to-all
 dispatch of (token, expert) rows to the expert groups and back.
 
-Shape legend: T = tokens of this router's shards in the step, H = hidden, E = experts, K = top-k.
+Shape legend: T = tokens of this router's shards in the step, H = hidden, E = experts, K = top-k,
+L = layers.
+
+Per layer it runs the model's own `SparseMoE` (gate, routing, combine) with the exchange to the
+expert groups as its experts, so its arithmetic is the single-process model's.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from actors.dispatch import router_exchange
 from actors.worker import Worker
-from cluster.placement import WorkerSpec
-from cluster.protocol import StepPlan
-from model.config import ModelConfig
-from model.moe import combine, route
+from protocol.step import StepPlan
+from protocol.worker import WorkerSetup, WorkerSpec
 
 
 class Router(Worker):
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        checkpoint: str,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        device: str,
-        shard_ranks: list[int],
-        group_of_expert: list[int],
-        num_routers: int,
-        torch_threads: int = 1,
-    ) -> None:
-        super().__init__(spec, checkpoint, config, dtype, device, torch_threads)
-        self.shard_ranks = shard_ranks
-        self.group_of = torch.tensor(group_of_expert, dtype=torch.long, device=self.device)  # [E]
-        self.num_routers = num_routers
-        self.num_groups = max(group_of_expert) + 1
-        self.total_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # since start
+    def __init__(self, spec: WorkerSpec, setup: WorkerSetup) -> None:
+        super().__init__(spec, setup)
+        cluster = setup.config.cluster
+        self.group_of = torch.tensor(setup.group_of_expert, dtype=torch.long, device=self.device)  # [E]
+        self.num_routers = cluster.routers
+        self.num_groups = cluster.expert_groups
+        self.total_counts = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long)  # [L, E]
 
     def expert_counts(self) -> torch.Tensor:
         """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
@@ -47,25 +40,29 @@ class Router(Worker):
         cfg, clock = self.config, self.clock
         clock.begin_step()
         sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
-        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
-        for i, gate in enumerate(self.model.gates()):
+        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)  # [L, E]
+        for i, layer in enumerate(self.model.decoder_layers()):
             with clock("shard_recv"):
                 parts = [torch.empty(n, cfg.hidden_size, dtype=self.dtype, device=self.device) for n in sizes]
-                for rank, buf in zip(self.shard_ranks, parts, strict=True):
+                for rank, buf in zip(self.spec.shards, parts, strict=True):
                     if buf.shape[0]:
                         dist.recv(buf, rank)
-            with clock("gating"):
                 x = torch.cat(parts)  # [T, H]
-                weights, experts = route(gate(x), cfg.experts_per_token)  # [T, K] each
-                counts[i] += torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts)
-            with clock("exchange"):  # includes the expert groups' compute
-                y = router_exchange(x, experts, self.group_of, self.num_routers, self.num_groups, self.moe_group)
-            with clock("gating"):
-                out = combine(y, weights)  # [T, H]
+            with clock("gating"):  # gate, top-k and combine; the exchange inside is charged to itself
+                out = layer.block_sparse_moe(x, counts[i], self.exchange)  # [T, H]
             with clock("shard_send"):
-                for rank, part in zip(self.shard_ranks, torch.split(out, sizes), strict=True):
+                for rank, part in zip(self.spec.shards, torch.split(out, sizes), strict=True):
                     if part.shape[0]:
                         dist.send(part.contiguous(), rank)
-        self.total_counts += counts
+        step_counts = counts.cpu()  # read once per step
+        self.total_counts += step_counts
         clock.end_step()
-        return counts
+        return step_counts
+
+    def exchange(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The experts of a layer, reached over the data plane: x [T, H], ids [T, K] -> [T*K, H]."""
+        with self.clock("exchange"):  # includes the expert groups' compute
+            return router_exchange(x, ids, self.group_of, self.num_routers, self.num_groups, self.moe_group)
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"group_of_expert": self.group_of.tolist(), "shards": list(self.spec.shards)}

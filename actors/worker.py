@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from actors.profiling import PhaseClock
-from cluster.placement import WorkerSpec, spec_weight_names
 from model.checkpoint import Checkpoint
-from model.config import ModelConfig
+from model.kernels import select_kernels
 from model.loader import load_into
 from model.mixtral import Mixtral
+from protocol.worker import WorkerSetup, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -62,33 +62,28 @@ def init_data_plane(
 
 
 class Worker:
-    """Base of AttentionShard, Router and ExpertGroup: holds `Mixtral(config, spec.parts, spec.experts)`."""
+    """Base of AttentionShard, Router and ExpertGroup: holds `Mixtral(config, spec.parts, spec.experts)`
+    on the kernels the config chooses for its device and dtype."""
 
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        checkpoint: str,
-        config: ModelConfig,
-        dtype: torch.dtype,
-        device: str,
-        torch_threads: int = 1,
-    ) -> None:
-        torch.set_num_threads(torch_threads)  # a fixed count, so workers sharing cores do not oversubscribe them
+    def __init__(self, spec: WorkerSpec, setup: WorkerSetup) -> None:
+        cfg = setup.config
+        torch.set_num_threads(cfg.cluster.torch_threads)  # fixed, so workers sharing cores do not oversubscribe
         self.spec = spec
-        self.config = config
-        self.dtype = dtype
-        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the visible GPU
-        ckpt = Checkpoint(checkpoint)
-        experts = list(spec.experts) or None
+        self.setup = setup
+        self.config = setup.model
+        self.dtype = cfg.dtype
+        self.device = torch.device("cuda", 0) if cfg.cluster.device == "cuda" else torch.device("cpu")  # Ray sets it
+        ckpt = Checkpoint(cfg.model.checkpoint)
+        kernels = select_kernels(cfg.engine.kernels, self.device, self.dtype)
         with torch.device("meta"):
-            self.model = Mixtral(config, spec.parts, experts)
+            self.model = Mixtral(self.config, spec.parts, list(spec.experts) or None, kernels)
         slot = {e: i for i, e in enumerate(spec.experts)}
         load_into(
             self.model,
             ckpt,
-            spec_weight_names(config, spec),
+            spec.weight_names(self.config),
             device=self.device,
-            dtype=dtype,
+            dtype=self.dtype,
             expert_slot=slot.__getitem__ if slot else lambda e: e,
         )
         self.keys_read = list(ckpt.keys_read)
@@ -102,10 +97,13 @@ class Worker:
         """This node's IP and a free TCP port for the process group's rendezvous (asked of rank 0)."""
         return free_address()
 
-    def join(self, master_addr: str, master_port: int, world_size: int, moe_ranks: list[int], timeout_s: float) -> None:
+    def join(self, master_addr: str, master_port: int) -> None:
         """Form the data plane: the world group, and the router + expert-group sub-group (every rank calls it)."""
+        cfg = self.setup.config
+        world = cfg.cluster.attention_shards + cfg.cluster.routers + cfg.cluster.expert_groups
+        timeout_s = max(cfg.engine.step_timeout_s, 60.0)
         self.moe_group = init_data_plane(
-            self.device, master_addr, master_port, self.spec.rank, world_size, moe_ranks, timeout_s
+            self.device, master_addr, master_port, self.spec.rank, world, self.setup.moe_ranks, timeout_s
         )
 
     def where(self) -> dict[str, Any]:
@@ -116,6 +114,7 @@ class Worker:
             "rss_bytes": rss_bytes(),
             "node_id": ctx.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "resources": ctx.get_assigned_resources(),  # type: ignore[no-untyped-call]
             "placement_group_id": ctx.get_placement_group_id(),
         }
 
@@ -124,8 +123,16 @@ class Worker:
         nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"keys_read": self.keys_read, "param_bytes": nbytes}
 
-    def ping(self) -> bool:
-        return True
+    def settings(self) -> dict[str, Any]:
+        """What this worker runs with, read back from its own state (not from its config)."""
+        param = next(self.model.parameters())
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": param.device.type,
+            "kernels": self.model.kernels.name,
+            "checkpoint": str(Checkpoint(self.setup.config.model.checkpoint).path),
+        }
 
     def profile(self, on: bool) -> None:
         """Start (or stop) recording seconds per phase of each step."""

@@ -18,45 +18,18 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import breakdown, latency, report, roofline, throughput
+from benchmarks.args import FULL, QUICK, bench_parser
 from benchmarks.workload import ensure_checkpoint, mixed_prompts
-from cluster.llm import LLM, resolve_dtype
+from cluster.llm import LLM
 from cluster.placement import Layout
-from model.config import ModelConfig, preset_names
+from model.config import ModelConfig, torch_dtype
 
 logger = logging.getLogger("mixtral_cluster.bench")
-
-QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1,
-         "roofline_rounds": 3}  # fmt: skip
-FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2,
-        "roofline_rounds": 8}  # fmt: skip
-
-
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="mixtral-cluster bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: a seeded --preset one)")
-    p.add_argument("--preset", default="mini", choices=preset_names(), help="model shape when no checkpoint (mini)")
-    p.add_argument("--cache-dir", type=Path, default=Path("checkpoints"), help="where seeded checkpoints are kept")
-    p.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 8 prompts x 16 tokens, <=128 long")
-    p.add_argument("--prompts", type=int, help="number of prompts (default 32; quick 8)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 64; quick 16)")
-    p.add_argument("--min-len", type=int, default=8, help="shortest prompt (default 8)")
-    p.add_argument("--max-len", type=int, help="longest prompt (default 512; quick 128)")
-    p.add_argument("--layout", type=int, nargs=3, default=[1, 1, 2], metavar=("A", "R", "G"),
-                   help="cluster layout: attention shards, routers, expert groups (default 1 1 2)")  # fmt: skip
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts (default 1 4 16)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch threads of this process (transformers and the single-process engine)")  # fmt: skip
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "latency", "roofline"], help="parts to leave out")
-    p.add_argument("--json", type=Path, help="write the results here, with .md and .png files beside it")
-    return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,17 +38,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     new_tokens = args.new_tokens or size["new_tokens"]
     max_len = args.max_len or size["max_len"]
     torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     ckpt = ensure_checkpoint(args.checkpoint, args.preset, args.cache_dir)
     config = ModelConfig.from_checkpoint(ckpt)
     layout = Layout(*args.layout)
     prompts = mixed_prompts(n_prompts, args.min_len, max_len, config.vocab_size)
-    kv_bytes = 1 << 30
+    engine = {"dtype": args.dtype, "device": args.device, "kernels": args.kernels, "kv_cache_gb": 1.0}
     result: dict[str, Any] = {
         "setup": {
             "command": "mixtral-cluster bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else []),
             "checkpoint": str(ckpt), "preset": None if args.checkpoint else args.preset,
-            "parameters": config.num_parameters, "dtype": args.dtype, "device": args.device,
+            "parameters": config.num_parameters, "dtype": args.dtype, "device": args.device, "kernels": args.kernels,
             "prompts": n_prompts, "new_tokens": new_tokens, "min_len": args.min_len, "max_len": max_len,
             "layout": list(args.layout), "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__,
         },
@@ -93,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["hf_prefill_seconds"] = runs["hf"].prefill_seconds
 
     logger.info("single-process engine")
-    with LLM(ckpt, single_process=True, dtype=dtype, device=args.device, kv_cache_bytes=kv_bytes) as single:
+    with LLM(ckpt, single_process=True, **engine) as single:
         runs["single"] = throughput.run_engine(single, prompts, new_tokens, size["repeats"])
         single.profile(True)  # where the single-process run's time goes: prefill vs decode steps
         single.generate(prompts, throughput.greedy(new_tokens))
@@ -122,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("cluster A=%d R=%d G=%d", *args.layout)
     torch.set_num_threads(1)  # this process only drives the engine now; the workers compute
     a, r, g = args.layout
-    with LLM(ckpt, a, r, g, device=args.device, dtype=dtype, kv_cache_bytes=kv_bytes) as cluster:
+    with LLM(ckpt, attention_shards=a, routers=r, expert_groups=g, **engine) as cluster:
         runs["cluster"] = throughput.run_engine(cluster, prompts, new_tokens, size["repeats"])
         logger.info("cluster decode-step breakdown")
         batch = mixed_prompts(size["decode_batch"], 16, 16, config.vocab_size, seed=1)  # one prefill step, then decode
@@ -154,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None) -> int:
-    args = parsed or build_parser().parse_args(argv)
+    args = parsed or bench_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # progress, whatever the root level
     started = time.perf_counter()

@@ -26,6 +26,7 @@ import ray
 from ray import serve
 from ray._private import state as ray_state
 
+from benchmarks.args import soak_parser
 from benchmarks.latency import MODEL, start_server, stop_server
 from benchmarks.workload import ensure_checkpoint
 from cluster.engine import SamplingParams
@@ -35,17 +36,6 @@ from cluster.placement import Layout
 logger = logging.getLogger("mixtral_cluster.soak")
 PROBES = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
 MEMORY_GROWTH_LIMIT = 64 << 20  # bytes per process, last wave vs the first
-
-
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="mixtral-cluster soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="how long to run (default 10)")
-    p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: a seeded tiny one)")
-    p.add_argument("--cache-dir", type=Path, default=Path("checkpoints"), help="where seeded checkpoints are kept")
-    p.add_argument("--layout", type=int, nargs=3, default=[1, 1, 2], metavar=("A", "R", "G"))
-    p.add_argument("--concurrency", type=int, default=12, help="requests in flight per wave (default 12)")
-    p.add_argument("--json", type=Path, help="write the per-wave records here")
-    return p
 
 
 async def _wave(url: str, n: int, rng: random.Random) -> dict[str, int]:
@@ -140,7 +130,7 @@ def soak(checkpoint: Path, layout: Layout, seconds: float, concurrency: int, see
 
 
 def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None) -> int:
-    args = parsed or build_parser().parse_args(argv)
+    args = parsed or soak_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     ckpt = ensure_checkpoint(args.checkpoint, "tiny", args.cache_dir)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import write_random_checkpoint
-from model.config import ModelConfig
-
-logger = logging.getLogger(__name__)
+from protocol import config as protocol_config
 
 FIRST_ORDINARY_TOKEN = 3  # 0..2 are <unk>, <s>, </s> in the Mistral vocabularies
 
@@ -29,11 +25,5 @@ def mixed_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int
 def ensure_checkpoint(path: Path | None, preset: str, cache_dir: Path, seed: int = 0) -> Path:
     """The checkpoint to run: `path` as given, else a seeded `preset` written once under `cache_dir`."""
     if path is not None:
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    out = cache_dir / f"{preset}-seed{seed}"
-    if not (out / "config.json").is_file():
-        logger.info("writing a seeded %s checkpoint to %s", preset, out)
-        write_random_checkpoint(ModelConfig.preset(preset), out, seed=seed, progress=True)
-    return out
+        return protocol_config.ensure_checkpoint(path, None)
+    return protocol_config.ensure_checkpoint(cache_dir / f"{preset}-seed{seed}", preset, seed, progress=True)

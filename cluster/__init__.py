@@ -1,6 +1,6 @@
-"""Engine, scheduler, KV block manager, placement and the public `LLM` API.
-
-The Serve app, gRPC service and CLI land here with the serving issue; see ../shared/DESIGN.md.
+"""The engine side of a model copy: the public `LLM` API, engine, scheduler, KV block manager,
+placement, the Ray backend that starts and steps the worker actors, the Serve app (ingress and
+`LLMServer`), gRPC and the `mixtral-cluster` CLI. See ../shared/DESIGN.md.
 """
 
 from cluster.engine import EngineError, RequestOutput, SamplingParams

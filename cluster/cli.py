@@ -19,25 +19,16 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from cluster.placement import (
-    PlacementError,
-    Slot,
-    assign_slots,
-    check_memory,
-    param_bytes,
-    worker_specs,
-)
+from benchmarks.args import BENCH_DESCRIPTION, SOAK_DESCRIPTION, bench_parser, soak_parser
+from cluster.placement import Layout, PlacementError, Slot, assign_slots, check_memory, param_bytes, worker_specs
 from cluster.serve_config import ServeConfig
-from cluster.serve_config import ensure_checkpoint as write_checkpoint_if_missing
 from model.checkpoint import write_random_checkpoint
-from model.config import ModelConfig, preset_names
+from model.config import DTYPES, ModelConfig, preset_names, torch_dtype
 
 logger = logging.getLogger("mixtral_cluster")
 GRPC_SERVICER = "cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def default_config_path() -> Path:
@@ -49,18 +40,30 @@ def _load(path: str | None) -> ServeConfig:
 
 
 def ensure_checkpoint(cfg: ServeConfig) -> None:
+    """The config's checkpoint, written first (with a progress bar) in local mode on a first run."""
     if not cfg.model.checkpoint.is_dir() and cfg.model.write_if_missing:
         print(f"writing a seeded {cfg.model.preset!r} checkpoint to {cfg.model.checkpoint} (first run only)")
-    write_checkpoint_if_missing(cfg, progress=True)
+    cfg.ensure_checkpoint(progress=True)
 
 
 # ---- serve -----------------------------------------------------------------------------------
 
 
+def serve_options(cfg: ServeConfig) -> dict[str, Any]:
+    """`serve.start` options from the config's `serving` section."""
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    srv = cfg.serving
+    return {
+        "proxy_location": "HeadOnly",  # clients reach the head; GPU nodes carry model workers only
+        "http_options": HTTPOptions(host=srv.host, port=srv.http_port, request_timeout_s=srv.request_timeout_s),
+        "grpc_options": gRPCOptions(port=srv.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
 
     from cluster.serve import build_app
 
@@ -74,11 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cpus = sum(b.get("CPU", 0) for b in bundles) * srv.max_replicas + 4
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False,
                  logging_level=logging.WARNING)  # fmt: skip
-    serve.start(
-        proxy_location="HeadOnly",  # clients reach the head; GPU nodes carry model workers only
-        http_options=HTTPOptions(host=srv.host, port=srv.http_port, request_timeout_s=srv.request_timeout_s),
-        grpc_options=gRPCOptions(port=srv.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
-    )
+    serve.start(**serve_options(cfg))
     print(f"starting {cfg.model.name} ({cfg.cluster.attention_shards} attention shards, {cfg.cluster.routers} "
           f"routers, {cfg.cluster.expert_groups} expert groups per copy) ...", flush=True)  # fmt: skip
     serve.run(build_app(cfg), name="mixtral", route_prefix="/")
@@ -113,21 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     ensure_checkpoint(cfg)
-    clu, eng = cfg.cluster, cfg.engine
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    with LLM(
-        cfg.model.checkpoint,
-        attention_shards=clu.attention_shards,
-        routers=clu.routers,
-        expert_groups=clu.expert_groups,
-        device=clu.device,
-        dtype=cfg.model.dtype,
-        single_process=args.single_process,
-        ray_address=args.address,
-        block_size=eng.block_size,
-        kv_cache_bytes=int(eng.kv_cache_gb * (1 << 30)),
-        max_model_len=eng.max_model_len,
-    ) as llm:
+    overrides = {"single_process": True} if args.single_process else {}
+    with LLM(cfg, ray_address=args.address, **overrides) as llm:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         out = llm.generate([prompt], params)[0]
     print(out.text)
@@ -139,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     path = write_random_checkpoint(
         ModelConfig.preset(args.preset), args.dir, seed=args.seed, dtype=dtype, progress=True
     )
@@ -154,8 +141,8 @@ def plan_rows(cfg: ServeConfig) -> tuple[list[tuple[str, str, str, int, int]], l
     """(actor, node, device, weight bytes, KV bytes) per worker, and problems that make it unfit."""
     shape = cfg.model_shape()
     clu = cfg.cluster
-    specs = worker_specs(clu.layout, shape.num_experts)
-    itemsize = DTYPE_BYTES[cfg.model.dtype]
+    specs = worker_specs(Layout.of(clu), shape.num_experts)
+    itemsize = cfg.dtype.itemsize
     kv = int(cfg.engine.kv_cache_gb * (1 << 30))
     problems: list[str] = []
     gpu = clu.device == "cuda"
@@ -218,15 +205,25 @@ def _gb(n: int) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import main as bench_main
-
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError as e:
+        return _needs_extra("bench", e)
     return bench_main(parsed=args)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from benchmarks.soak import main as soak_main
-
+    try:
+        from benchmarks.soak import main as soak_main
+    except ImportError as e:
+        return _needs_extra("soak", e)
     return soak_main(parsed=args)
+
+
+def _needs_extra(command: str, e: ImportError) -> int:
+    print(f"error: `mixtral-cluster {command}` needs the bench extra ({e.name or e} is missing): "
+          "pip install -e '.[bench]'", file=sys.stderr)  # fmt: skip
+    return 2
 
 
 # ---- entry point ------------------------------------------------------------------------------
@@ -267,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", nargs="?", default="checkpoints/tiny", help="output directory (default checkpoints/tiny)")
     m.add_argument("--preset", default="tiny", choices=preset_names(), help="model shape (default tiny)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    m.add_argument("--dtype", default="float32", choices=list(DTYPES))
     m.set_defaults(fn=cmd_make_tiny)
 
     pl = sub.add_parser("plan", help="show which actor goes on which node and GPU, and whether it fits",
@@ -276,21 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="deployment config YAML")
     pl.set_defaults(fn=cmd_plan)
 
-    from benchmarks.run import build_parser as bench_parser
-
     b = sub.add_parser("bench", help="benchmark throughput, latency, step breakdown and roofline",
-                       description="Measure, side by side in one run: transformers vs the single-process engine "
-                       "vs the cluster (throughput), HTTP serving latency, the cluster's step breakdown and the "
-                       "memory-bandwidth roofline. Writes JSON, Markdown and PNG plots with --json.")  # fmt: skip
+                       description=BENCH_DESCRIPTION)  # fmt: skip
     bench_parser(b)
     b.set_defaults(fn=cmd_bench)
 
-    from benchmarks.soak import build_parser as soak_parser
-
     k = sub.add_parser("soak", help="run mixed traffic for a while and check nothing leaks or drifts",
-                       description="A bounded soak of the Serve app (tiny model by default): waves of streamed, "
-                       "non-streamed and abandoned requests; fails if KV blocks, memory or actors grow or a "
-                       "greedy answer changes.")  # fmt: skip
+                       description=SOAK_DESCRIPTION)  # fmt: skip
     soak_parser(k)
     k.set_defaults(fn=cmd_soak)
     return p

@@ -5,6 +5,9 @@ It owns the scheduler, the block tables and the tokenizer; a `Backend` runs each
 in this process (the fast CPU path and the baseline); `cluster.workers.RayBackend` runs the same
 step over Ray actors. The engine is synchronous and single-threaded; `cluster.llm.LLM` drives it
 from a background thread for streaming.
+
+`Engine.add_request` is the one place a request is checked: anything that can never run raises
+`RequestError`, which names the OpenAI field (`param`) to blame.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
 
-from cluster.batch import Sampled, Sampler, SeqChunk, ShardBatch, pack
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
 from model.config import ModelConfig
@@ -26,6 +28,8 @@ from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
+from protocol.config import EngineSection
+from protocol.step import Sampled, Sampler, SeqChunk, ShardBatch, pack
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,18 @@ class EngineError(RuntimeError):
     """The engine cannot serve any more (a worker died, the backend failed)."""
 
 
+class RequestError(ValueError):
+    """A request that can never run. `param` is the OpenAI request field that makes it so
+    (`prompt`, `max_tokens`, ...), `code` the OpenAI error code."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def __reduce__(self) -> tuple[type[RequestError], tuple[str, str | None, str]]:
+        return RequestError, (self.message, self.param, self.code)  # picklable across Ray
+
+
 @dataclass
 class RequestOutput:
     """A request's state after a step: what is new since the last update and everything so far."""
@@ -61,11 +77,23 @@ class RequestOutput:
     error: str | None = None
 
 
+Report = Literal["where", "loaded", "settings", "step_times"]
+
+
 class Backend(Protocol):
     num_shards: int
 
     def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
         """Run one step; per shard the sampled tokens, and the step's tokens per expert [L, E]."""
+        ...
+
+    def reports(self, report: Report) -> dict[str, Any]:
+        """Each worker's report, by worker name: where it runs, what it loaded, the settings it runs
+        with, its step times since the last call (`LLM.profile`). Empty without workers."""
+        ...
+
+    def set_profiling(self, on: bool) -> None:
+        """Start (or stop) the workers recording seconds per phase of each step."""
         ...
 
     def shutdown(self) -> None: ...
@@ -95,6 +123,12 @@ class LocalBackend:
         logits = self.model(p.tokens, p.positions, p.seq_lens, cache, logit_rows=p.logit_rows, expert_counts=counts)
         return [self.sampler.sample(batch, logits)], counts
 
+    def reports(self, report: Report) -> dict[str, Any]:
+        return {}  # no workers: the engine's own step records are the profile
+
+    def set_profiling(self, on: bool) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 
@@ -116,18 +150,20 @@ class Engine:
         backend: Backend,
         config: ModelConfig,
         tokenizer: Tokenizer,
+        settings: EngineSection,
         blocks_per_shard: int,
-        block_size: int = 16,
-        max_batched_tokens: int = 512,
-        max_seqs: int = 256,
-        max_model_len: int | None = None,
     ) -> None:
         self.backend = backend
         self.config = config
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len or config.max_position_embeddings
+        self.max_model_len = settings.max_model_len or config.max_position_embeddings
         self.scheduler = Scheduler(
-            backend.num_shards, blocks_per_shard, block_size, max_batched_tokens, max_seqs, config.sliding_window
+            backend.num_shards,
+            blocks_per_shard,
+            settings.block_size,
+            settings.max_batched_tokens,
+            settings.max_seqs,
+            config.sliding_window,
         )
         self.requests: dict[str, _Request] = {}
         self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)
@@ -139,21 +175,40 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError for one that can never run (empty, too long, bad token ids)."""
+        """Queue a request; `RequestError` for one that can never run (empty, too long, bad token ids,
+        more KV blocks than a shard has)."""
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt:
-            raise ValueError("prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}"
-            )
+            raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")
+        self.check_request(prompt, params, request_id)
         seq = self.scheduler.add(request_id, list(prompt), params.max_tokens)
         self.requests[request_id] = _Request(seq, params, self.tokenizer.decoder())
+
+    def check_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str = "") -> None:
+        """`RequestError` for a prompt and settings this engine can never run; reads fixed limits only."""
+        if not prompt:
+            raise RequestError("prompt is empty", "prompt")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
+        limit = self.max_model_len
+        if len(prompt) >= limit:
+            raise RequestError(
+                f"the prompt is {len(prompt)} tokens; this model's context is {limit}",
+                "prompt",
+                "context_length_exceeded",
+            )
+        if len(prompt) + params.max_tokens > limit:
+            raise RequestError(
+                f"max_tokens ({params.max_tokens}) + the prompt ({len(prompt)} tokens) exceeds the context length "
+                f"{limit}; ask for at most {limit - len(prompt)}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        try:
+            self.scheduler.check_fits(request_id or "this request", len(prompt) + params.max_tokens)
+        except ValueError as e:  # more KV blocks than a shard holds
+            raise RequestError(str(e), "max_tokens") from e
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now: its blocks are free for the next step."""

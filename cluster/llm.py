@@ -1,6 +1,7 @@
 """`LLM`: the public offline and streaming API, in the spirit of vLLM's.
 
-    llm = LLM(checkpoint=dir, attention_shards=2, routers=1, expert_groups=4, device="cpu")
+    llm = LLM("ckpt/", attention_shards=2, routers=1, expert_groups=4)     # keys of protocol.config
+    llm = LLM(ServeConfig.load("configs/tiny.yaml"))                       # or a config whole
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))
     async for out in llm.stream(prompt, params): ...     # new tokens/text per step, cancellable
     llm.shutdown()
@@ -18,33 +19,24 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from cluster.engine import Backend, Engine, EngineError, LocalBackend, RequestOutput, SamplingParams
+from cluster.engine import Backend, Engine, EngineError, LocalBackend, RequestError, RequestOutput, SamplingParams
 from cluster.kv_cache import blocks_for_budget
-from cluster.placement import Layout
+from cluster.placement import Layout, worker_setup
 from model.config import ModelConfig
 from model.loader import load_model
-from model.tokenizer import Tokenizer
+from model.tokenizer import ChatFormatError, Tokenizer
+from protocol.config import LLMConfig
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 OnOutput = Callable[[RequestOutput], None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_KV_BYTES = 64 << 20  # per attention shard; ample for the tiny model, set it for real ones
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 class EngineLoop:
@@ -67,7 +59,7 @@ class EngineLoop:
     def submit(
         self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OnOutput
     ) -> concurrent.futures.Future[None]:
-        """Queue a request; the future fails with ValueError (bad request) or EngineError (engine down)."""
+        """Queue a request; the future fails with RequestError (bad request) or EngineError (engine down)."""
         return self.submit_all([(request_id, prompt, params, on_output)])[0]
 
     def submit_all(
@@ -83,7 +75,7 @@ class EngineLoop:
                     continue
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
+                except RequestError as e:
                     fut.set_exception(e)
                     continue
                 self._subscribers[request_id] = on_output
@@ -184,78 +176,52 @@ class LLM:
 
     def __init__(
         self,
-        checkpoint: str | Path,
-        attention_shards: int = 1,
-        routers: int = 1,
-        expert_groups: int = 1,
-        device: Literal["cpu", "cuda"] = "cpu",
-        dtype: torch.dtype | str = torch.float32,
-        single_process: bool = False,
+        config: LLMConfig | str | Path,
+        *,
         ray_address: str | None = None,
-        block_size: int = 16,
-        kv_cache_bytes: int = DEFAULT_KV_BYTES,
-        num_blocks: int | None = None,
-        max_batched_tokens: int = 512,
-        max_seqs: int = 256,
-        max_model_len: int | None = None,
-        placement_strategy: str = "PACK",
-        placement_timeout_s: float = 120.0,
-        worker_resources: dict[str, float] | None = None,
-        torch_threads: int = 1,
-        step_timeout_s: float = 300.0,
-        device_memory_bytes: int = 80 * 10**9,
         placement: Any = None,
         bundle_offset: int = 0,
+        **keywords: Any,
     ) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.dtype = resolve_dtype(dtype)
-        self.config = ModelConfig.from_checkpoint(self.checkpoint)
+        """`config` whole (a `ServeConfig` too), or a checkpoint directory with the config's keys as
+        keywords (`protocol.config`: `attention_shards`, `dtype`, `num_blocks`, `kernels`, ...).
+        `ray_address`, `placement` and `bundle_offset` say where the workers start, not what they are:
+        a Ray cluster to join, or a Serve replica's placement group whose first bundles are not theirs."""
+        if isinstance(config, LLMConfig):
+            config = config.with_overrides(**keywords) if keywords else config
+        else:
+            config = LLMConfig.from_keywords(checkpoint=config, **keywords)
+        self.config = config
+        self.checkpoint = config.ensure_checkpoint()
+        self.dtype = config.dtype
+        self.model_config = ModelConfig.from_checkpoint(self.checkpoint)
         self.tokenizer = Tokenizer.for_checkpoint(self.checkpoint)
-        if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} pieces but the model only {self.config.vocab_size}"
-            )
-        blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype, kv_cache_bytes)
-        self.layout = Layout(1, 1, 1) if single_process else Layout(attention_shards, routers, expert_groups)
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            pieces, vocab = self.tokenizer.vocab_size, self.model_config.vocab_size
+            raise ValueError(f"the tokenizer has {pieces} pieces but the model only {vocab}")
+        eng = config.engine
+        blocks = eng.num_blocks or blocks_for_budget(
+            self.model_config, eng.block_size, self.dtype, int(eng.kv_cache_gb * (1 << 30))
+        )
+        self.layout = Layout.of(config.cluster)
         backend: Backend | None = None
-        if not single_process:
+        if not config.cluster.single_process:
             from cluster.workers import RayBackend  # Ray is only needed for the distributed path
 
-            backend = RayBackend(
-                self.checkpoint,
-                self.config,
-                self.layout,
-                device=device,
-                dtype=self.dtype,
-                num_blocks=blocks,
-                block_size=block_size,
-                ray_address=ray_address,
-                strategy=placement_strategy,
-                placement_timeout_s=placement_timeout_s,
-                worker_resources=worker_resources,
-                torch_threads=torch_threads,
-                step_timeout_s=step_timeout_s,
-                device_memory_bytes=device_memory_bytes,
-                placement=placement,
-                bundle_offset=bundle_offset,
-            )
+            setup = worker_setup(config, self.model_config, blocks)
+            backend = RayBackend(setup, ray_address, placement, bundle_offset)
 
         def make_engine() -> Engine:
             # One process, one thread for all its tensor work: with two threads each owning an
             # OpenMP pool on a machine with no spare cores, libgomp stops its workers spinning
             # between parallel regions and every op waits on a futex wake (measured: the mini
             # workload 7.2 s instead of 4.9 s when the model was loaded on the caller's thread).
-            model_backend = backend or LocalBackend(load_model(self.checkpoint, self.dtype, device), blocks, block_size)
-            return Engine(
-                model_backend,
-                self.config,
-                self.tokenizer,
-                blocks_per_shard=blocks,
-                block_size=block_size,
-                max_batched_tokens=max_batched_tokens,
-                max_seqs=max_seqs,
-                max_model_len=max_model_len,
-            )
+            if backend is None:
+                model = load_model(self.checkpoint, self.dtype, config.cluster.device, kernels=eng.kernels)
+                return Engine(
+                    LocalBackend(model, blocks, eng.block_size), self.model_config, self.tokenizer, eng, blocks
+                )
+            return Engine(backend, self.model_config, self.tokenizer, eng, blocks)
 
         try:
             self._loop = EngineLoop(make_engine)
@@ -272,7 +238,16 @@ class LLM:
         return self.engine.backend
 
     def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with bos), or the ids given."""
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of an OpenAI-style conversation in the Mistral chat format; `RequestError`
+        (param `messages`) for one that format cannot hold."""
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except ChatFormatError as e:
+            raise RequestError(str(e), "messages") from e
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run every prompt to completion (batched continuously); outputs in prompt order."""
@@ -310,6 +285,19 @@ class LLM:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield an update per step with new tokens/text; closing the iterator aborts the request."""
+        updates = await self.open_stream(prompt, params, request_id)
+        try:
+            async for out in updates:
+                yield out
+        finally:
+            await updates.aclose()  # aborts the request if it has not finished
+
+    async def open_stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Queue a request and return its updates; closing them (`aclose`) aborts the request. A
+        request that can never run raises `RequestError` here, before any update; a down engine
+        `EngineError`."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or f"stream-{next(self._ids)}"
@@ -317,8 +305,10 @@ class LLM:
         def on_output(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(updates.put_nowait, out)
 
-        fut = self._loop.submit(rid, self.encode(prompt), params or SamplingParams(), on_output)
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(self._loop.submit(rid, self.encode(prompt), params or SamplingParams(), on_output))
+        return self._updates(rid, updates)
+
+    async def _updates(self, rid: str, updates: asyncio.Queue[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
         finished = False
         try:
             while not finished:
@@ -330,6 +320,11 @@ class LLM:
         finally:
             if not finished:
                 self._loop.abort(rid)
+
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """`RequestError` now for a request that can never run (safe from any thread: it reads
+        only the engine's fixed limits); the engine checks again when the request is queued."""
+        self.engine.check_request(prompt, params)
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
@@ -354,8 +349,7 @@ class LLM:
         def switch() -> None:
             self.engine.profile = on
             self.engine.step_records.clear()
-            if hasattr(self.backend, "call_all"):
-                self.backend.call_all("profile", on)
+            self.backend.set_profiling(on)
 
         self._loop.call(switch)
 
@@ -366,12 +360,7 @@ class LLM:
 
         def take() -> dict[str, Any]:
             engine, self.engine.step_records = self.engine.step_records, []
-            workers: dict[str, Any] = {}
-            backend: Any = self.backend
-            if hasattr(backend, "call_all"):  # RayBackend
-                names = [s.name for s in backend.specs]
-                workers = dict(zip(names, backend.call_all("step_times"), strict=True))
-            return {"engine": engine, "workers": workers}
+            return {"engine": engine, "workers": self.backend.reports("step_times")}
 
         return self._loop.call(take)
 

@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
-from model.checkpoint import expected_shape, weight_names
-from model.config import ModelConfig, Part
-
-Role = Literal["attention", "router", "experts"]
-Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-
-ROLE_PARTS: dict[Role, tuple[Part, ...]] = {
-    "attention": ("embed", "attention", "head"),
-    "router": ("gate",),
-    "experts": ("experts",),
-}
+from model.checkpoint import expected_shape
+from model.config import ModelConfig
+from protocol.config import ClusterSection, LLMConfig, Strategy
+from protocol.worker import ROLE_PARTS, WorkerSetup, WorkerSpec
 
 
 class PlacementError(ValueError):
@@ -36,24 +28,16 @@ class Layout:
     routers: int = 1
     expert_groups: int = 1
 
+    @classmethod
+    def of(cls, cluster: ClusterSection) -> Layout:
+        """The config's layout; one of each for a single-process copy."""
+        if cluster.single_process:
+            return cls()
+        return cls(cluster.attention_shards, cluster.routers, cluster.expert_groups)
+
     @property
     def num_workers(self) -> int:
         return self.attention_shards + self.routers + self.expert_groups
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    role: Role
-    index: int  # within its role
-    rank: int  # global rank in the data-plane process group
-    experts: tuple[int, ...] = ()  # expert groups: global expert ids held
-    shards: tuple[int, ...] = ()  # routers: attention shards served
-    router: int = -1  # attention shards: index of their router
-    parts: tuple[Part, ...] = field(default=())
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.index}"
 
 
 def expert_map(num_experts: int, num_groups: int) -> list[tuple[int, ...]]:
@@ -105,21 +89,30 @@ def worker_specs(layout: Layout, num_experts: int) -> list[WorkerSpec]:
     return specs
 
 
-def spec_weight_names(config: ModelConfig, spec: WorkerSpec) -> list[str]:
-    """The checkpoint tensors this worker loads (and no other)."""
-    return weight_names(config, experts=spec.experts or None, parts=spec.parts)
+def worker_setup(config: LLMConfig, model: ModelConfig, num_blocks: int) -> WorkerSetup:
+    """What every worker of a copy is built from: the config and the tables its layout implies."""
+    specs = worker_specs(Layout.of(config.cluster), model.num_experts)
+    group_of = [0] * model.num_experts
+    for spec in specs:
+        for e in spec.experts:
+            group_of[e] = spec.index
+    routers = tuple(s.rank for s in specs if s.role == "router")
+    return WorkerSetup(config, model, num_blocks, routers, tuple(group_of))
 
 
 def param_bytes(config: ModelConfig, spec: WorkerSpec, dtype_bytes: int) -> int:
     """Bytes of parameters the worker holds in a dtype of `dtype_bytes` per element."""
-    return dtype_bytes * sum(math.prod(expected_shape(config, n)) for n in spec_weight_names(config, spec))
+    return dtype_bytes * sum(math.prod(expected_shape(config, n)) for n in spec.weight_names(config))
 
 
-def worker_resources(device: str, cpus_per_worker: float = 1.0) -> dict[str, float]:
-    """A worker's bundle: one GPU each on GPU (NCCL allows one rank per GPU), CPU slots in local mode."""
-    if device == "cuda":
-        return {"GPU": 1.0, "CPU": cpus_per_worker}
-    return {"CPU": cpus_per_worker}
+def worker_resources(cluster: ClusterSection) -> dict[str, float]:
+    """A worker's bundle: the config's `worker_resources`, else one GPU each on GPU (NCCL allows one
+    rank per GPU) and one CPU slot in local mode."""
+    if cluster.worker_resources:
+        return dict(cluster.worker_resources)
+    if cluster.device == "cuda":
+        return {"GPU": 1.0, "CPU": 1.0}
+    return {"CPU": 1.0}
 
 
 def bundles(

@@ -70,10 +70,6 @@ class Schedule:
     chunks: list[Chunk]
     preempted: list[Sequence]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.chunks)
-
 
 class Scheduler:
     def __init__(
@@ -107,14 +103,18 @@ class Scheduler:
         # Keys of the window before the chunk, the chunk itself, and one partial block at each end.
         return min(full, blocks_needed(self.window - 1 + self.max_batched_tokens, self.block_size) + 1)
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
-        need = self.max_blocks_per_sequence(len(prompt) + max_tokens)
+    def check_fits(self, request_id: str, total_tokens: int) -> None:
+        """ValueError when a sequence of `total_tokens` could never hold its blocks on a shard."""
+        need = self.max_blocks_per_sequence(total_tokens)
         have = self.allocators[0].num_blocks
         if need > have:
             raise ValueError(
                 f"request {request_id} needs up to {need} KV blocks of {self.block_size} tokens, "
                 f"but a shard has {have}; shorten the prompt or max_tokens, or give the cache more memory"
             )
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+        self.check_fits(request_id, len(prompt) + max_tokens)
         seq = Sequence(request_id, list(prompt), max_tokens, next(self._arrivals))
         self.waiting.append(seq)
         return seq

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,20 +22,20 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import AttentionShard, ExpertGroup, Router
-from cluster.batch import Sampled, ShardBatch
-from cluster.engine import EngineError
+from cluster.engine import EngineError, Report
 from cluster.placement import (
     Layout,
     PlacementError,
-    Strategy,
     bundles,
     check_memory,
     check_resources,
+    worker_resources,
     worker_specs,
 )
-from cluster.placement import worker_resources as default_worker_resources
-from cluster.protocol import StepPlan
-from model.config import ModelConfig
+from protocol.step import Sampled, ShardBatch, StepPlan
+from protocol.worker import Role, WorkerSetup
+
+ACTOR_CLASSES: dict[Role, type] = {"attention": AttentionShard, "router": Router, "experts": ExpertGroup}
 
 logger = logging.getLogger(__name__)
 
@@ -61,46 +60,29 @@ def available_nodes() -> list[dict[str, float]]:
 class RayBackend:
     def __init__(
         self,
-        checkpoint: Path,
-        config: ModelConfig,
-        layout: Layout,
-        device: str,
-        dtype: torch.dtype,
-        num_blocks: int,
-        block_size: int,
+        setup: WorkerSetup,
         ray_address: str | None = None,
-        strategy: str = "PACK",
-        placement_timeout_s: float = 120.0,
-        worker_resources: dict[str, float] | None = None,
-        torch_threads: int = 1,
-        step_timeout_s: float = 300.0,
-        device_memory_bytes: int = 80 * 10**9,
         placement: PlacementGroup | None = None,
         bundle_offset: int = 0,
     ) -> None:
         """`placement`: an existing group to start the workers in (a Serve replica's, whose bundle 0
         is the replica itself: `bundle_offset=1`); it is left to its owner at shutdown."""
-        self.layout = layout
-        self.num_shards = layout.attention_shards
-        self.step_timeout_s = step_timeout_s
-        self.specs = worker_specs(layout, config.num_experts)
-        resources = worker_resources or default_worker_resources(device)
-        wanted = bundles(self.specs, resources)
-        if device == "cuda":
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            check_memory(config, self.specs, itemsize, device_memory_bytes)
+        cfg = setup.config
+        self.setup = setup
+        self.layout = Layout.of(cfg.cluster)
+        self.num_shards = self.layout.attention_shards
+        self.step_timeout_s = cfg.engine.step_timeout_s
+        self.specs = worker_specs(self.layout, setup.model.num_experts)
+        wanted = bundles(self.specs, worker_resources(cfg.cluster))
+        if cfg.cluster.device == "cuda":
+            check_memory(setup.model, self.specs, cfg.dtype.itemsize, int(cfg.cluster.gpu_memory_gb * 1e9))
         self.bundle_offset = bundle_offset
         self.owns_placement = placement is None
         self.actors: list[Any] = []
         if placement is None:
             ensure_ray(ray_address, sum(b.get("CPU", 0.0) for b in wanted))
-            if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-                raise PlacementError(
-                    f"placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD: {strategy}"
-                )
-            strat: Strategy = strategy  # type: ignore[assignment]
-            check_resources(wanted, available_nodes(), strat)
-            placement = placement_group(wanted, strategy=strat)
+            check_resources(wanted, available_nodes(), cfg.cluster.placement_strategy)
+            placement = placement_group(wanted, strategy=cfg.cluster.placement_strategy)
         elif len(placement.bundle_specs) < bundle_offset + len(self.specs):
             raise PlacementError(
                 f"the placement group has {len(placement.bundle_specs)} bundles; this layout needs "
@@ -108,9 +90,9 @@ class RayBackend:
             )
         self.pg: PlacementGroup | None = placement
         try:
-            self._wait_placement(placement_timeout_s, len(wanted))
-            self.actors = self._start_actors(checkpoint, config, device, dtype, num_blocks, block_size, torch_threads)
-            self._form_data_plane(timeout_s=max(step_timeout_s, 60.0))
+            self._wait_placement(cfg.cluster.placement_timeout_s, len(wanted))
+            self.actors = self._start_actors()
+            self._form_data_plane(timeout_s=max(self.step_timeout_s, 60.0))
         except BaseException:
             self.shutdown()
             raise
@@ -133,33 +115,10 @@ class RayBackend:
                 f"{timeout_s:.0f} s; the cluster has {free} free. Add nodes or shrink the layout."
             ) from e
 
-    def _start_actors(
-        self,
-        checkpoint: Path,
-        config: ModelConfig,
-        device: str,
-        dtype: torch.dtype,
-        num_blocks: int,
-        block_size: int,
-        torch_threads: int,
-    ) -> list[Any]:
-        lay = self.layout
-        router_ranks = [s.rank for s in self.specs if s.role == "router"]
-        group_of = [0] * config.num_experts
-        for s in self.specs:
-            for e in s.experts:
-                group_of[e] = s.index
+    def _start_actors(self) -> list[Any]:
         assert self.pg is not None
         actors: list[Any] = []
         for i, spec in enumerate(self.specs):
-            common = (spec, str(checkpoint), config, dtype, device)
-            if spec.role == "attention":
-                cls: type = AttentionShard
-                args: tuple[Any, ...] = (*common, router_ranks[spec.router], num_blocks, block_size, torch_threads)
-            elif spec.role == "router":
-                cls, args = Router, (*common, list(spec.shards), group_of, lay.routers, torch_threads)
-            else:
-                cls, args = ExpertGroup, (*common, lay.routers, lay.expert_groups, torch_threads)
             index = self.bundle_offset + i
             bundle = self.pg.bundle_specs[index]
             options: dict[str, Any] = {
@@ -171,14 +130,12 @@ class RayBackend:
             extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None
             if extra:
                 options["resources"] = extra
-            actors.append(ray.remote(cls).options(**options).remote(*args))
+            actors.append(ray.remote(ACTOR_CLASSES[spec.role]).options(**options).remote(spec, self.setup))
         return actors
 
     def _form_data_plane(self, timeout_s: float) -> None:
-        world = len(self.actors)
-        moe_ranks = [s.rank for s in self.specs if s.role != "attention"]
         addr, port = self._get([self.actors[0].address.remote()], timeout_s, "start-up")[0]
-        self._get([a.join.remote(addr, port, world, moe_ranks, timeout_s) for a in self.actors], timeout_s, "start-up")
+        self._get([a.join.remote(addr, port) for a in self.actors], timeout_s, "start-up")
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -211,8 +168,14 @@ class RayBackend:
 
     # ---- reports and shutdown ----------------------------------------------------------------
 
-    def call_all(self, method: str, *args: Any, timeout_s: float = 60.0) -> list[Any]:
-        """Call a report method (`where`, `loaded`, `profile`, `step_times`, ...) on every worker, in rank order."""
+    def reports(self, report: Report) -> dict[str, Any]:
+        """Each worker's report (`where`, `loaded`, `settings`, `step_times`), by worker name, in rank order."""
+        return dict(zip((s.name for s in self.specs), self._call_all(report), strict=True))
+
+    def set_profiling(self, on: bool) -> None:
+        self._call_all("profile", on)
+
+    def _call_all(self, method: str, *args: Any, timeout_s: float = 60.0) -> list[Any]:
         return self._get([getattr(a, method).remote(*args) for a in self.actors], timeout_s, method)
 
     def shutdown(self) -> None:

@@ -12,12 +12,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Part = Literal["embed", "attention", "gate", "experts", "head"]
 # What each worker role holds: attention shards embed/attention/head, routers gates, expert groups experts.
 ALL_PARTS: frozenset[Part] = frozenset(("embed", "attention", "gate", "experts", "head"))
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype of a config's dtype name (or the dtype itself)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 class ModelConfig(BaseModel):

@@ -94,12 +94,6 @@ class Mixtral(nn.Module):
     def decoder_layers(self) -> list[DecoderLayer]:
         return list(self.layers)  # type: ignore[arg-type]  # ModuleList is typed as holding Modules
 
-    def gates(self) -> list[Linear]:
-        """Every layer's gate (a router's weights)."""
-        gates = [layer.block_sparse_moe.gate for layer in self.decoder_layers()]
-        assert all(g is not None for g in gates), "this model holds no gates"
-        return gates  # type: ignore[return-value]
-
     def expert_ffns(self) -> list[ExpertFFN]:
         """Every layer's experts (an expert group's weights)."""
         ffns = [layer.block_sparse_moe.experts for layer in self.decoder_layers()]

@@ -47,7 +47,7 @@ def serving(
     cfg = ServeConfig.model_validate({
         "model": {"checkpoint": str(checkpoint), "name": MODEL} | sections.get("model", {}),
         "cluster": {"attention_shards": 1, "routers": 1, "expert_groups": 2} | sections.get("cluster", {}),
-        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512} | (engine or {}),
+        "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512, "max_seqs": 64} | (engine or {}),
         "serving": {"http_port": http_port, "grpc_port": grpc_port} | sections.get("serving", {}),
     })  # fmt: skip
     own_ray = not ray.is_initialized()

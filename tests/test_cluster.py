@@ -11,7 +11,7 @@ import ray
 
 from cluster.engine import EngineError, SamplingParams
 from cluster.llm import LLM
-from cluster.placement import param_bytes, spec_weight_names
+from cluster.placement import param_bytes
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy, staggered_streams
 
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 3), (1, 1, 8), (2, 2, 8)]
@@ -77,9 +77,10 @@ def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
 
 def test_each_worker_reads_and_holds_only_its_tensors(copy: LLM) -> None:
     backend = copy.backend
-    for spec, loaded in zip(backend.specs, backend.call_all("loaded"), strict=True):
-        assert sorted(loaded["keys_read"]) == sorted(spec_weight_names(ENGINE_CONFIG, spec)), spec.name
-        assert loaded["param_bytes"] == param_bytes(ENGINE_CONFIG, spec, dtype_bytes=4), spec.name
+    loaded = backend.reports("loaded")
+    for spec in backend.specs:
+        assert sorted(loaded[spec.name]["keys_read"]) == sorted(spec.weight_names(ENGINE_CONFIG)), spec.name
+        assert loaded[spec.name]["param_bytes"] == param_bytes(ENGINE_CONFIG, spec, dtype_bytes=4), spec.name
 
 
 def test_many_requests_under_a_small_block_budget(ckpt) -> None:
@@ -143,5 +144,5 @@ def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
     from cluster.placement import PlacementError
 
     with pytest.raises(PlacementError, match=r"attention-0 needs 0\.0 GB of weights at 4 bytes per parameter"):
-        LLM(ckpt, expert_groups=1, device="cuda", device_memory_bytes=100_000)
+        LLM(ckpt, expert_groups=1, device="cuda", gpu_memory_gb=0.0001)
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]

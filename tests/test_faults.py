@@ -18,8 +18,8 @@ import pytest
 from ray import serve
 
 from cluster.engine import SamplingParams
+from cluster.ingress import HEALTH_TIMEOUT_S
 from cluster.llm import LLM
-from cluster.serve import HEALTH_TIMEOUT_S
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 

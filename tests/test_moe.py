@@ -74,3 +74,34 @@ def test_expert_ffn_subset_uses_local_slots() -> None:
         x = torch.randn(9, 16)
         local = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1, 1])
         torch.testing.assert_close(part(x, local), full(x, torch.tensor([5, 2])[local]))
+
+
+def test_moe_with_its_experts_as_a_call_equals_the_local_block() -> None:
+    """The router's path: the gate here, the experts reached through a call (two groups' subsets)."""
+    cfg = grid_config(num_experts=8, experts_per_token=2)
+    torch.manual_seed(3)
+    moe = SparseMoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    assert moe.experts is not None
+    groups = [ExpertFFN(cfg.hidden_size, cfg.intermediate_size, ids) for ids in ([0, 1, 2, 3, 4], [5, 6, 7])]
+    for g in groups:
+        for name in ("w1", "w2", "w3"):
+            getattr(g, name).data = getattr(moe.experts, name).data[g.expert_ids].clone()
+    calls: list[int] = []
+
+    def remote(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [T, H], [T, K] -> [T*K, H]
+        calls.append(len(x))
+        rows, flat = x.repeat_interleave(2, dim=0), ids.flatten()
+        out = torch.empty_like(rows)
+        for g in groups:
+            mine = torch.isin(flat, torch.tensor(g.expert_ids))
+            local = torch.tensor([g.expert_ids.index(int(e)) for e in flat[mine]], dtype=torch.long)
+            out[mine] = g(rows[mine], local)
+        return out
+
+    x = torch.randn(11, cfg.hidden_size)
+    counts = torch.zeros(8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x, counts, remote), moe(x), atol=1e-6, rtol=1e-6)
+    assert calls == [11] and int(counts.sum()) == 22

@@ -41,7 +41,7 @@ def test_workers_land_where_the_plan_says(three_nodes, checkpoint_factory, strat
              placement_strategy=strategy, worker_resources={"GPU": 1.0, "CPU": 1.0}) as llm:  # fmt: skip
         backend = llm.backend
         table = placement_group_table(backend.pg)
-        where = backend.call_all("where")
+        where = list(backend.reports("where").values())
         for i, w in enumerate(where):
             assert w["node_id"] == table["bundles_to_node_id"][i], w["name"]
             assert w["placement_group_id"] == backend.pg.id.hex()

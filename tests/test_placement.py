@@ -13,11 +13,11 @@ from cluster.placement import (
     expert_map,
     param_bytes,
     shard_routers,
-    spec_weight_names,
     worker_resources,
     worker_specs,
 )
 from model import ModelConfig, weight_names
+from protocol.config import ClusterSection
 
 
 def test_expert_map_uneven_split() -> None:
@@ -57,12 +57,10 @@ def test_specs_ranks_and_roles() -> None:
 def test_each_tensor_has_exactly_one_owner() -> None:
     cfg = ModelConfig.preset("tiny")
     specs = worker_specs(Layout(2, 2, 3), cfg.num_experts)
-    shard_names = spec_weight_names(cfg, specs[0])
-    assert spec_weight_names(cfg, specs[1]) == shard_names  # attention is replicated across shards
-    owned = shard_names + [
-        n for s in specs if s.role != "attention" and s.index == 0 for n in spec_weight_names(cfg, s)
-    ]
-    owned += [n for s in specs if s.role == "experts" and s.index > 0 for n in spec_weight_names(cfg, s)]
+    shard_names = specs[0].weight_names(cfg)
+    assert specs[1].weight_names(cfg) == shard_names  # attention is replicated across shards
+    owned = shard_names + [n for s in specs if s.role != "attention" and s.index == 0 for n in s.weight_names(cfg)]
+    owned += [n for s in specs if s.role == "experts" and s.index > 0 for n in s.weight_names(cfg)]
     assert sorted(owned) == sorted(weight_names(cfg))
     assert len(owned) == len(set(owned))
 
@@ -87,7 +85,7 @@ def test_memory_check_refuses_what_does_not_fit() -> None:
 
 def test_bundles_and_resource_checks() -> None:
     specs = worker_specs(Layout(2, 2, 8), 8)
-    gpu = bundles(specs, worker_resources("cuda"), replica_bundle={"CPU": 1})
+    gpu = bundles(specs, worker_resources(ClusterSection(device="cuda")), replica_bundle={"CPU": 1})
     assert gpu[0] == {"CPU": 1} and len(gpu) == 13
     assert all(b == {"GPU": 1.0, "CPU": 1.0} for b in gpu[1:])
     node = {"GPU": 8.0, "CPU": 96.0}
@@ -100,4 +98,4 @@ def test_bundles_and_resource_checks() -> None:
         check_resources(gpu, [node, node], "STRICT_PACK")
     with pytest.raises(PlacementError, match="fits on no node"):
         check_resources([{"GPU": 1.0, "CPU": 1.0}] * 3, [{"GPU": 2.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 2.0}])
-    assert bundles(specs, worker_resources("cpu"))[0] == {"CPU": 1.0}
+    assert bundles(specs, worker_resources(ClusterSection()))[0] == {"CPU": 1.0}

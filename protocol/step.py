@@ -1,11 +1,12 @@
-"""What one attention shard runs in a step, and the sampling state it keeps per request.
+"""The step protocol: what the engine sends every worker each step, and what comes back.
 
 Shape legend: T = packed tokens of the shard's step, S = sequences, V = vocab.
 
-The engine sends each shard a `ShardBatch` (plain data, cheap to pickle); `pack` turns it into
-the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each finished chunk with
-the request's own generator. The single-process engine and the `AttentionShard` actor both use
-these, so they sample identically.
+Every worker gets the same `StepPlan` (via the object store): one `ShardBatch` per attention
+shard, plain data and cheap to pickle; routers read the shards' sizes from it. `pack` turns a
+shard's batch into the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each
+finished chunk with the request's own generator. The single-process engine and the
+`AttentionShard` actor both use these, so they sample identically.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class ShardBatch:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.tokens) for c in self.chunks)
+
+
+@dataclass
+class StepPlan:
+    batches: list[ShardBatch]  # one per attention shard, empty ones included
 
 
 @dataclass

@@ -78,51 +78,32 @@ class ModelConfig(BaseModel):
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """From a Hugging Face `config.json` (MixtralConfig keys)."""
         rope = d.get("rope_parameters") or {}
-        theta = d.get("rope_theta", rope.get("rope_theta", 1e6))
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default')")
-        heads = _require(d, "num_attention_heads", "config.json")
-        hidden = _require(d, "hidden_size", "config.json")
-        return cls(
-            hidden_size=hidden,
-            num_layers=_require(d, "num_hidden_layers", "config.json"),
-            num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or hidden // heads,
-            intermediate_size=_require(d, "intermediate_size", "config.json"),
-            vocab_size=_require(d, "vocab_size", "config.json"),
-            num_experts=_require(d, "num_local_experts", "config.json"),
-            experts_per_token=_require(d, "num_experts_per_tok", "config.json"),
-            rope_theta=theta,
-            norm_eps=d.get("rms_norm_eps", 1e-5),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            sliding_window=d.get("sliding_window"),
-        )
+        if "rope_theta" not in d and "rope_theta" in rope:  # newer transformers nest it
+            d = d | {"rope_theta": rope["rope_theta"]}
+        return cls._from_keys(d, HF, "config.json")
 
     @classmethod
     def from_mistral_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """From a Mistral consolidated `params.json` (mistral-inference ModelArgs keys)."""
-        moe = d.get("moe")
-        if not moe:
+        if not d.get("moe"):
             raise ValueError("params.json has no 'moe' section: this is a dense model, not a Mixtral")
-        heads = _require(d, "n_heads", "params.json")
-        dim = _require(d, "dim", "params.json")
-        return cls(
-            hidden_size=dim,
-            num_layers=_require(d, "n_layers", "params.json"),
-            num_heads=heads,
-            num_kv_heads=d.get("n_kv_heads") or heads,
-            head_dim=d.get("head_dim") or dim // heads,
-            intermediate_size=_require(d, "hidden_dim", "params.json"),
-            vocab_size=_require(d, "vocab_size", "params.json"),
-            num_experts=_require(moe, "num_experts", "params.json moe"),
-            experts_per_token=_require(moe, "num_experts_per_tok", "params.json moe"),
-            rope_theta=d.get("rope_theta", 1e6),
-            norm_eps=d.get("norm_eps", 1e-5),
-            max_position_embeddings=d.get("max_seq_len", 32768),
-            sliding_window=d.get("sliding_window"),
-        )
+        return cls._from_keys(d, MISTRAL, "params.json")
+
+    @classmethod
+    def _from_keys(cls, d: dict[str, Any], vocabulary: int, where: str) -> ModelConfig:
+        values: dict[str, Any] = {}
+        for field, keys in _KEYS.items():
+            value = _lookup(d, keys[vocabulary])
+            if value is not None:
+                values[field] = value
+            elif field not in _OPTIONAL:
+                raise ValueError(f"{where} has no {keys[vocabulary]!r} (is it a Mixtral config?)")
+        values.setdefault("num_kv_heads", values["num_heads"])  # no key: plain multi-head attention
+        values.setdefault("head_dim", values["hidden_size"] // values["num_heads"])
+        return cls(**values)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ModelConfig:
@@ -147,53 +128,60 @@ class ModelConfig(BaseModel):
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` that transformers' MixtralConfig reads."""
-        return {
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "vocab_size": self.vocab_size,
-            "num_local_experts": self.num_experts,
-            "num_experts_per_tok": self.experts_per_token,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "sliding_window": self.sliding_window,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        }
+        mapped = {keys[HF]: getattr(self, field) for field, keys in _KEYS.items()}
+        return (
+            {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
+            | mapped
+            | {
+                "hidden_act": "silu",
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
 
     def to_mistral_dict(self) -> dict[str, Any]:
         """The `params.json` of the Mistral consolidated layout."""
-        return {
-            "dim": self.hidden_size,
-            "n_layers": self.num_layers,
-            "n_heads": self.num_heads,
-            "n_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_dim": self.intermediate_size,
-            "vocab_size": self.vocab_size,
-            "norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_seq_len": self.max_position_embeddings,
-            "sliding_window": self.sliding_window,
-            "moe": {"num_experts": self.num_experts, "num_experts_per_tok": self.experts_per_token},
-        }
+        out: dict[str, Any] = {}
+        for field, keys in _KEYS.items():
+            *parents, leaf = keys[MISTRAL].split(".")
+            target = out
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = getattr(self, field)
+        return out
+
+
+# Our field -> its key in a Hugging Face `config.json` and in a Mistral `params.json` ("moe.x" is
+# nested). Read in this order, so the head count and width are known when their dependents default.
+HF, MISTRAL = 0, 1
+_KEYS: dict[str, tuple[str, str]] = {
+    "num_heads": ("num_attention_heads", "n_heads"),
+    "hidden_size": ("hidden_size", "dim"),
+    "num_layers": ("num_hidden_layers", "n_layers"),
+    "num_kv_heads": ("num_key_value_heads", "n_kv_heads"),
+    "head_dim": ("head_dim", "head_dim"),
+    "intermediate_size": ("intermediate_size", "hidden_dim"),
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "num_experts": ("num_local_experts", "moe.num_experts"),
+    "experts_per_token": ("num_experts_per_tok", "moe.num_experts_per_tok"),
+    "rope_theta": ("rope_theta", "rope_theta"),
+    "norm_eps": ("rms_norm_eps", "norm_eps"),
+    "max_position_embeddings": ("max_position_embeddings", "max_seq_len"),
+    "sliding_window": ("sliding_window", "sliding_window"),
+}
+_OPTIONAL = {"num_kv_heads", "head_dim", "rope_theta", "norm_eps", "max_position_embeddings", "sliding_window"}
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)  # type: ignore[assignment]
+    return d
 
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in `configs/models/`."""
     folder = resources.files("configs").joinpath("models")
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _require(d: dict[str, Any], key: str, where: str) -> Any:
-    if key not in d or d[key] is None:
-        raise ValueError(f"{where} has no {key!r} (is it a Mixtral config?)")
-    return d[key]

@@ -114,25 +114,14 @@ def post(http: httpx.Client, route: str, content: bytes, stream: bool) -> httpx.
 # ---- HTTP ----------------------------------------------------------------------------------------
 
 
-def test_fuzz_completions(http: httpx.Client) -> None:
+@pytest.mark.parametrize(("route", "bodies"), [("/v1/completions", completion), ("/v1/chat/completions", chat)])
+def test_fuzz_openai_route(http: httpx.Client, route: str, bodies: st.SearchStrategy[dict[str, Any]]) -> None:
     seen: Counter[int] = Counter()
 
     @FUZZ
-    @given(body=completion)
+    @given(body=bodies)
     def one(body: dict[str, Any]) -> None:
-        check(post(http, "/v1/completions", body_bytes(body), body.get("stream") is True), seen)
-
-    one()
-    exercised(seen)
-
-
-def test_fuzz_chat_completions(http: httpx.Client) -> None:
-    seen: Counter[int] = Counter()
-
-    @FUZZ
-    @given(body=chat)
-    def one(body: dict[str, Any]) -> None:
-        check(post(http, "/v1/chat/completions", body_bytes(body), body.get("stream") is True), seen)
+        check(post(http, route, body_bytes(body), body.get("stream") is True), seen)
 
     one()
     exercised(seen)

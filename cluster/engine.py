@@ -49,6 +49,10 @@ class EngineError(RuntimeError):
     """The engine cannot serve any more (a worker died, the backend failed)."""
 
 
+class RequestFailed(RuntimeError):
+    """One request failed while it ran (its sampling, its detokenising); the engine goes on."""
+
+
 class RequestError(ValueError):
     """A request that can never run. `param` is the OpenAI request field that makes it so
     (`prompt`, `max_tokens`, ...), `code` the OpenAI error code."""
@@ -74,7 +78,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
-    error: str | None = None
+    error: str | None = None  # the request ended in error: its own (a RequestFailed) or the engine's
+    engine_failed: bool = False  # the error is the engine's: it cannot serve any more
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
@@ -114,14 +119,14 @@ class LocalBackend:
     def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
         (batch,) = batches
         self.sampler.drop(batch.finished)
-        cfg = self.model.config
-        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
+        cfg, device = self.model.config, self.cache.k.device
+        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
         if not batch.chunks:
-            return [[]], counts
-        p = pack(batch, self.cache.k.device)
+            return [[]], counts.cpu()
+        p = pack(batch, device)
         cache = CacheBatch(self.cache, p.block_tables)
         logits = self.model(p.tokens, p.positions, p.seq_lens, cache, logit_rows=p.logit_rows, expert_counts=counts)
-        return [self.sampler.sample(batch, logits)], counts
+        return [self.sampler.sample(batch, logits)], counts.cpu()  # the counters are read once per step
 
     def reports(self, report: Report) -> dict[str, Any]:
         return {}  # no workers: the engine's own step records are the profile
@@ -258,7 +263,7 @@ class Engine:
             for s in shard_out:
                 req = self.requests.get(s.request_id)
                 if req is not None:
-                    outputs.append(self._append(req, s))
+                    outputs.append(self._apply(req, s))
         if self.profile:
             self.step_records.append({
                 "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included
@@ -279,6 +284,22 @@ class Engine:
             params=req.params if c.sample else None,
             logprobs=req.params.logprobs,
         )
+
+    def _apply(self, req: _Request, s: Sampled) -> RequestOutput:
+        """A sampled token into its request; a failure of this one request ends it alone."""
+        if s.error is not None:
+            return self._fail(req, s.error)
+        try:
+            return self._append(req, s)
+        except Exception as e:  # detokenising or stop checks of this request
+            logger.exception("request %s failed after a step", req.seq.request_id)
+            return self._fail(req, f"{type(e).__name__}: {e}")
+
+    def _fail(self, req: _Request, error: str) -> RequestOutput:
+        logger.warning("request %s failed: %s", req.seq.request_id, error)
+        out = self._finish(req, "abort")
+        out.error = f"request {req.seq.request_id} failed: {error}"
+        return out
 
     def _append(self, req: _Request, s: Sampled) -> RequestOutput:
         seq, params = req.seq, req.params
@@ -335,7 +356,7 @@ class Engine:
         outs = []
         for req in list(self.requests.values()):
             out = self._finish(req, "abort")
-            out.error = error
+            out.error, out.engine_failed = error, True
             outs.append(out)
         return outs
 

@@ -344,7 +344,7 @@ def _usage_pb(prompt: int, completion: int) -> Any:
 
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                401: grpc.StatusCode.UNAUTHENTICATED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-               503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+               500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
 
 
 def _grpc_authorize(ctx: Any, api_key: str | None) -> None:

@@ -25,7 +25,16 @@ from typing import Any
 
 import torch
 
-from cluster.engine import Backend, Engine, EngineError, LocalBackend, RequestError, RequestOutput, SamplingParams
+from cluster.engine import (
+    Backend,
+    Engine,
+    EngineError,
+    LocalBackend,
+    RequestError,
+    RequestFailed,
+    RequestOutput,
+    SamplingParams,
+)
 from cluster.kv_cache import blocks_for_budget
 from cluster.placement import Layout, worker_setup
 from model.config import ModelConfig
@@ -276,9 +285,9 @@ class LLM:
             raise
         if ids:
             all_done.wait()
-        errors = [o.error for o in done.values() if o.error]
-        if errors:
-            raise EngineError(errors[0])
+        failed = [done[rid] for rid in ids if done[rid].error]
+        if failed:
+            raise _failure(failed[0])
         return [done[rid] for rid in ids]
 
     async def stream(
@@ -314,7 +323,7 @@ class LLM:
             while not finished:
                 out = await updates.get()
                 if out.error:
-                    raise EngineError(out.error)
+                    raise _failure(out)
                 finished = out.finished
                 yield out
         finally:
@@ -380,3 +389,9 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _failure(out: RequestOutput) -> Exception:
+    """The exception for a request that ended in error: the engine's, or its own alone."""
+    assert out.error is not None
+    return EngineError(out.error) if out.engine_failed else RequestFailed(out.error)

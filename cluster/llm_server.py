@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine import EngineError, RequestError
+from cluster.engine import EngineError, RequestError, RequestFailed
 from cluster.llm import LLM
 from cluster.openai_protocol import APIError
 from cluster.serve_config import ServeConfig
@@ -65,6 +65,8 @@ class LLMServer:
             yield Failure(status=400, message=e.message, param=param, code=e.code)
         except APIError as e:
             yield Failure.of(e)
+        except RequestFailed as e:  # this request alone; the copy serves on
+            yield Failure(status=500, message=str(e), code="request_failed")
         except EngineError as e:
             yield Failure(status=503, message=str(e), code="engine_unavailable")
         finally:

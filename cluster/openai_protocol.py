@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.engine import SamplingParams
+from model.sampling import SEED_MAX, SEED_MIN
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z-]+\[.*\])$")
 
@@ -30,7 +31,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     logprobs: bool | int | None = None
     user: str | None = None
 
@@ -108,7 +109,7 @@ class APIError(Exception):
 
     @property
     def kind(self) -> str:
-        kinds = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        kinds = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
         return kinds.get(self.status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:

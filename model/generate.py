@@ -33,7 +33,7 @@ def generate(
     cache = KVCache.allocate(model.config, sum(blocks_per_seq), block_size, dtype, device)
     starts = [sum(blocks_per_seq[:i]) for i in range(len(prompts))]
     tables = [list(range(s, s + n)) for s, n in zip(starts, blocks_per_seq, strict=True)]
-    generators = [make_generator(params.seed) for _ in prompts]  # the seed is per request
+    generators = [make_generator(params.seed, device) for _ in prompts]  # the seed is per request
 
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))

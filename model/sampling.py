@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator's manual_seed takes
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: logits / 1e-40 overflow to inf and NaN
+
 
 class SamplingParams(BaseModel):
     """How to pick tokens for one request."""
@@ -16,14 +19,20 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_tokens: int = Field(default=16, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0)  # 0 = greedy
+    temperature: float = Field(default=1.0, ge=0.0)  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # 0 = no top-k cut
-    seed: int | None = None  # reproducible draws per request when set
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # reproducible draws per request when set
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator: seeded when asked, else from fresh entropy."""
+    """A per-request generator on the device of the logits it will draw from (a CUDA draw needs a
+    CUDA generator): seeded when asked, else from fresh entropy. The same seed draws the same
+    tokens on the same kind of device; CPU and CUDA streams differ."""
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
@@ -35,7 +44,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from logits [V] (computed in fp32 whatever the model dtype)."""
     logits = logits.float()
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature  # [V]
     if 0 < params.top_k < logits.shape[-1]:

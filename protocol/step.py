@@ -48,6 +48,7 @@ class Sampled:
     request_id: str
     token: int
     logprob: float | None
+    error: str | None = None  # this request's sampling failed (e.g. its logits are not finite); only it ends
 
 
 @dataclass
@@ -88,11 +89,15 @@ class Sampler:
             if c.params is None:
                 continue
             row = logits[next(rows)]  # [V]
-            gen = self._generators.get(c.request_id)
-            if gen is None:
-                gen = self._generators[c.request_id] = make_generator(c.params.seed)
-            token = sample(row, c.params, gen)
-            logprob = float(torch.log_softmax(row.float(), dim=-1)[token]) if c.logprobs else None
+            try:
+                gen = self._generators.get(c.request_id)
+                if gen is None:
+                    gen = self._generators[c.request_id] = make_generator(c.params.seed, logits.device)
+                token = sample(row, c.params, gen)
+                logprob = float(torch.log_softmax(row.float(), dim=-1)[token]) if c.logprobs else None
+            except Exception as e:  # this request's numbers, not the step's: the others go on
+                out.append(Sampled(c.request_id, -1, None, error=f"sampling failed: {type(e).__name__}: {e}"))
+                continue
             out.append(Sampled(c.request_id, token, logprob))
         return out
 

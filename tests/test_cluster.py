@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
+from safetensors.torch import load_file, save_file
 
-from cluster.engine import EngineError, SamplingParams
+from cluster.engine import EngineError, RequestFailed, SamplingParams
 from cluster.llm import LLM
 from cluster.placement import param_bytes
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy, staggered_streams
@@ -146,3 +149,48 @@ def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
     with pytest.raises(PlacementError, match=r"attention-0 needs 0\.0 GB of weights at 4 bytes per parameter"):
         LLM(ckpt, expert_groups=1, device="cuda", gpu_memory_gb=0.0001)
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
+
+
+POISON = 777  # a token whose embedding row is NaN in `poisoned_ckpt`
+
+
+@pytest.fixture(scope="module")
+def poisoned_ckpt(ckpt, tmp_path_factory) -> Path:
+    """The engine checkpoint with one embedding row NaN: what broken weights look like."""
+    out = tmp_path_factory.mktemp("poisoned")
+    for f in Path(ckpt).iterdir():
+        shutil.copy(f, out / f.name)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.embed_tokens.weight"][POISON] = float("nan")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("layout", [None, (1, 1, 2)], ids=["single", "A1-R1-G2"])
+def test_a_request_whose_sampling_fails_fails_alone(poisoned_ckpt: Path, ckpt, layout) -> None:
+    """One request's logits are NaN (its prompt holds the poisoned token): its draw fails, and it
+    alone ends, with a message; the other request of the same steps completes, equal to the
+    reference, and the copy goes on serving."""
+    keys = {"single_process": True} if layout is None else dict(zip(("attention_shards", "routers", "expert_groups"),
+                                                                      layout, strict=True))  # fmt: skip
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    poisoned, fine = [1, 50, POISON, 60], PROMPTS[0]
+    with LLM(poisoned_ckpt, **ENGINE_ARGS, **keys) as llm:
+
+        async def both() -> list[object]:
+            async def one(prompt: list[int], params: SamplingParams) -> object:
+                try:
+                    return [o async for o in llm.stream(prompt, params)][-1].token_ids
+                except RequestFailed as e:
+                    return e
+
+            return list(await asyncio.gather(one(poisoned, sampled), one(fine, GREEDY)))
+
+        failed, completed = asyncio.run(both())
+        assert isinstance(failed, RequestFailed), failed
+        assert "sampling failed" in str(failed) and "nan" in str(failed).lower()
+        assert completed == reference_greedy(ckpt, [fine], 12)[0]
+        assert llm.error is None and llm.stats() == {"running": 0, "waiting": 0, "blocks_in_use": 0}
+        assert llm.generate([fine], GREEDY)[0].token_ids == completed  # still serving
+        with pytest.raises(RequestFailed, match="sampling failed"):
+            llm.generate([poisoned, fine], sampled)

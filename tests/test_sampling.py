@@ -45,11 +45,26 @@ def test_top_k_and_top_p_cut_the_tail() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -1)]
-)
+    ("field", "value"),
+    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -1), ("seed", 2**64),
+     ("seed", -(2**63) - 1)],
+)  # fmt: skip
 def test_invalid_params_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_extreme_but_valid_settings_still_draw_a_token() -> None:
+    """Clients may send these; before, a draw at temperature 1e-40 divided the logits into inf and
+    NaN and the sampler raised, and a seed of 2**64 - 1 or -2**63 did not fit the generator."""
+    for params in (SamplingParams(temperature=1e-40), SamplingParams(temperature=9e-6)):
+        assert params.greedy and set(draws(params, n=50).tolist()) == {0}
+    for seed in (2**64 - 1, -(2**63)):
+        assert 0 <= sample(LOGITS, SamplingParams(seed=seed), make_generator(seed)) < len(LOGITS)
+
+
+def test_the_generator_lives_on_the_logits_device() -> None:
+    assert make_generator(3, LOGITS.device).device == LOGITS.device  # CUDA logits: tests/test_gpu.py
 
 
 def test_seeded_generation_is_reproducible(checkpoint_factory) -> None:

@@ -149,6 +149,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),

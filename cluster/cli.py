@@ -115,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     overrides = {"single_process": True} if args.single_process else {}
     with LLM(cfg, ray_address=args.address, **overrides) as llm:
-        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        prompt = llm.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         out = llm.generate([prompt], params)[0]
     print(out.text)
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)

@@ -33,6 +33,8 @@ from protocol.step import Sampled, Sampler, SeqChunk, ShardBatch, pack
 
 logger = logging.getLogger(__name__)
 
+EOS_WITHOUT_TOKENIZER = 2  # the end-of-sequence id of every Mistral vocabulary
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -142,11 +144,17 @@ class LocalBackend:
 class _Request:
     seq: SchedSeq
     params: SamplingParams
-    decoder: IncrementalDecoder
+    decoder: IncrementalDecoder | None  # None: the model has no tokenizer, its text stays empty
     text: str = ""
     emitted: int = 0  # characters of text already reported
     emitted_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+
+    def push(self, token: int) -> str:
+        return self.decoder.push(token) if self.decoder is not None else ""
+
+    def flush(self) -> str:
+        return self.decoder.flush() if self.decoder is not None else ""
 
 
 class Engine:
@@ -154,13 +162,14 @@ class Engine:
         self,
         backend: Backend,
         config: ModelConfig,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         settings: EngineSection,
         blocks_per_shard: int,
     ) -> None:
         self.backend = backend
         self.config = config
         self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
         self.max_model_len = settings.max_model_len or config.max_position_embeddings
         self.scheduler = Scheduler(
             backend.num_shards,
@@ -186,12 +195,15 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")
         self.check_request(prompt, params, request_id)
         seq = self.scheduler.add(request_id, list(prompt), params.max_tokens)
-        self.requests[request_id] = _Request(seq, params, self.tokenizer.decoder())
+        decoder = self.tokenizer.decoder() if self.tokenizer is not None else None
+        self.requests[request_id] = _Request(seq, params, decoder)
 
     def check_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str = "") -> None:
         """`RequestError` for a prompt and settings this engine can never run; reads fixed limits only."""
         if not prompt:
             raise RequestError("prompt is empty", "prompt")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
         vocab = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -306,19 +318,19 @@ class Engine:
         seq.output.append(s.token)
         if s.logprob is not None:
             req.logprobs.append(s.logprob)
-        stop_token = s.token in params.stop_token_ids or (s.token == self.tokenizer.eos_id and not params.ignore_eos)
+        stop_token = s.token in params.stop_token_ids or (s.token == self.eos_id and not params.ignore_eos)
         reason: FinishReason | None = None
         if stop_token:
-            req.text += req.decoder.flush()
+            req.text += req.flush()
             reason = "stop"
         else:
-            req.text += req.decoder.push(s.token)
+            req.text += req.push(s.token)
             cut = _first_stop(req.text, params.stop, max(0, req.emitted - _longest(params.stop)))
             if cut is not None:
                 req.text = req.text[:cut]
                 reason = "stop"
             elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
-                req.text += req.decoder.flush()
+                req.text += req.flush()
                 reason = "length"
         if reason is not None:
             return self._finish(req, reason)

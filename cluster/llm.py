@@ -204,8 +204,8 @@ class LLM:
         self.checkpoint = config.ensure_checkpoint()
         self.dtype = config.dtype
         self.model_config = ModelConfig.from_checkpoint(self.checkpoint)
-        self.tokenizer = Tokenizer.for_checkpoint(self.checkpoint)
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+        self.tokenizer = Tokenizer.for_checkpoint(self.checkpoint, self.model_config.vocab_size)
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.model_config.vocab_size:
             pieces, vocab = self.tokenizer.vocab_size, self.model_config.vocab_size
             raise ValueError(f"the tokenizer has {pieces} pieces but the model only {vocab}")
         eng = config.engine
@@ -247,16 +247,24 @@ class LLM:
         return self.engine.backend
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt (with bos), or the ids given."""
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Token ids of a text prompt (with bos), or the ids given; `RequestError` (param `prompt`)
+        for text when the model has no tokenizer."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        return self._tokenizer_for("prompt").encode(prompt)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Token ids of an OpenAI-style conversation in the Mistral chat format; `RequestError`
-        (param `messages`) for one that format cannot hold."""
+        (param `messages`) for one that format cannot hold, or when the model has no tokenizer."""
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self._tokenizer_for("messages").encode_chat(messages)
         except ChatFormatError as e:
             raise RequestError(str(e), "messages") from e
+
+    def _tokenizer_for(self, param: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError(Tokenizer.missing(self.checkpoint, self.model_config.vocab_size), param)
+        return self.tokenizer
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run every prompt to completion (batched continuously); outputs in prompt order."""

@@ -1,8 +1,9 @@
 """Tokenizer: the checkpoint's SentencePiece model for text, `mistral-common` for chat.
 
-Default: the Mixtral 8x22B Instruct v3 tokenizer (32768 pieces) that `mistral-common` ships, so
-tiny test checkpoints speak the real vocabulary. A checkpoint's own `tokenizer.model.vN` or
-`tokenizer.model` wins when present.
+A checkpoint's own `tokenizer.model.vN` or `tokenizer.model` wins. Without one, the tokenizer
+`mistral-common` ships whose size is the model's vocabulary: 32000 pieces is Mixtral 8x7B's
+(v1), 32768 Mixtral 8x22B Instruct's (v3, also the tiny test presets'). A model whose vocabulary
+matches neither has no tokenizer: it takes token ids and answers token ids.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+_SHIPPED = Path(mistral_common.__file__).parent / "data"
+DEFAULT_TOKENIZER = _SHIPPED / "mistral_instruct_tokenizer_240323.model.v3"
+SHIPPED_BY_VOCAB = {32000: _SHIPPED / "tokenizer.model.v1", 32768: DEFAULT_TOKENIZER}  # vocabulary -> file
 _REPLACEMENT = "\ufffd"  # what a decode of an incomplete UTF-8 byte sequence ends with
 
 
@@ -45,14 +48,29 @@ class Tokenizer:
         return cls(DEFAULT_TOKENIZER)
 
     @classmethod
-    def for_checkpoint(cls, path: str | Path) -> Tokenizer:
-        """The checkpoint's own tokenizer (`tokenizer.model.vN` first, then `tokenizer.model`), else the default."""
+    def for_checkpoint(cls, path: str | Path, vocab_size: int) -> Tokenizer | None:
+        """The checkpoint's own tokenizer (`tokenizer.model.vN` first, then `tokenizer.model`), else
+        the shipped one of the model's vocabulary size, else None (see `missing`)."""
         path = Path(path)
         own = sorted(path.glob("tokenizer.model.v*")) + sorted(path.glob("tokenizer.model"))
         if own:
             return cls(own[0])
-        logger.info("checkpoint %s has no tokenizer.model; using %s", path, DEFAULT_TOKENIZER.name)
-        return cls.default()
+        shipped = SHIPPED_BY_VOCAB.get(vocab_size)
+        if shipped is None:
+            logger.warning("%s", cls.missing(path, vocab_size))
+            return None
+        logger.info("checkpoint %s has no tokenizer.model; using %s (%d pieces)", path, shipped.name, vocab_size)
+        return cls(shipped)
+
+    @staticmethod
+    def missing(path: str | Path, vocab_size: int) -> str:
+        """What to say about a checkpoint that has no tokenizer and matches no shipped one."""
+        sizes = ", ".join(f"{n}: {f.name.rsplit('.', 1)[-1]}" for n, f in SHIPPED_BY_VOCAB.items())
+        return (
+            f"this model has no tokenizer: {path} holds no tokenizer.model (or tokenizer.model.vN) and its "
+            f"vocabulary of {vocab_size} matches none that mistral-common ships ({sizes}); send token ids, or "
+            "put the model's tokenizer.model in the checkpoint"
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -71,8 +89,10 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; control pieces (bos, eos, [INST], ...) decode to nothing."""
-        return str(self.sp.decode(list(ids)))
+        """Text of `ids`; control pieces (bos, eos, [INST], ...) decode to nothing, and so do ids past
+        the tokenizer's pieces (a model's vocabulary may be padded beyond them)."""
+        size = self.vocab_size
+        return str(self.sp.decode([i for i in ids if 0 <= i < size]))
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Prompt tokens of an OpenAI-style conversation in the reference Mistral chat format."""

@@ -112,10 +112,21 @@ def test_bad_conversations_raise_chat_format_error(tok: Tokenizer, messages) -> 
 def test_checkpoint_tokenizer_wins(tmp_path) -> None:
     v1 = DEFAULT_TOKENIZER.parent / "tokenizer.model.v1"
     shutil.copy(v1, tmp_path / "tokenizer.model")
-    own = Tokenizer.for_checkpoint(tmp_path)
+    own = Tokenizer.for_checkpoint(tmp_path, 32768)  # its own, whatever the vocabulary
     assert own.vocab_size == 32000 and own.version == "v1"
     reference = MistralTokenizer.from_file(str(v1))
     request = ChatCompletionRequest(messages=mistral_common_messages(CONVERSATIONS[1]))
     assert own.encode_chat(CONVERSATIONS[1]) == reference.encode_chat_completion(request).tokens
-    (tmp_path / "bare").mkdir()
-    assert Tokenizer.for_checkpoint(tmp_path / "bare").vocab_size == 32768  # none there: the default
+
+
+def test_without_its_own_the_shipped_tokenizer_of_the_models_vocabulary(tmp_path) -> None:
+    v1, v3 = Tokenizer.for_checkpoint(tmp_path, 32000), Tokenizer.for_checkpoint(tmp_path, 32768)
+    assert v1 is not None and (v1.vocab_size, v1.version) == (32000, "v1")  # Mixtral 8x7B
+    assert v3 is not None and (v3.vocab_size, v3.version) == (32768, "v3")  # Mixtral 8x22B Instruct
+    assert Tokenizer.for_checkpoint(tmp_path, 512) is None
+    assert "tokenizer.model" in Tokenizer.missing(tmp_path, 512) and "32000: v1" in Tokenizer.missing(tmp_path, 512)
+
+
+def test_ids_past_the_pieces_decode_to_nothing(tok: Tokenizer) -> None:
+    ids = tok.encode("Hello world", bos=False)
+    assert tok.decode([*ids, tok.vocab_size, tok.vocab_size + 5]) == tok.decode(ids) == "Hello world"

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from actors.worker import Worker
 from model.kv_cache import CacheBatch, KVCache
@@ -51,9 +50,9 @@ class AttentionShard(Worker):
     def moe_over_data_plane(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """A layer's MoE half: x [T, H] to the router, its combined expert output [T, H] back."""
         with self.clock("moe_wait"):  # the router, the expert groups and the wires between
-            dist.send(x.contiguous(), self.router_rank)
+            self.data_plane.send_recv(sends=[(self.router_rank, x)])
             out = torch.empty_like(x)
-            dist.recv(out, self.router_rank)
+            self.data_plane.send_recv(recvs=[(self.router_rank, out)])
         return out
 
     def settings(self) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
+
+from actors.data_plane import DataPlane
 
 MAX_EXPERTS_IN_COLUMN = 256  # integers a bf16 column holds exactly
 
@@ -34,7 +35,7 @@ def router_exchange(
     group_of: torch.Tensor,
     num_routers: int,
     num_groups: int,
-    group: dist.ProcessGroup,
+    plane: DataPlane,
 ) -> torch.Tensor:
     """Send each (token, expert) pair's row to its expert's group; the results [T*K, H], token-major."""
     t, k = experts.shape
@@ -42,17 +43,13 @@ def router_exchange(
     order, counts = dispatch_order(experts, group_of, num_groups)
     none = [0] * num_routers
     send_counts = torch.tensor(none + counts, dtype=torch.long, device=x.device)  # [P]
-    dist.all_to_all_single(torch.empty_like(send_counts), send_counts, group=group)
+    plane.all_to_all_counts(torch.empty_like(send_counts), send_counts)
     ids = experts.flatten()[order].to(x.dtype)[:, None]  # [N, 1] expert id as a column
     rows = torch.cat([x[order // k], ids], dim=1).contiguous()  # [N, H+1] sorted by group
     p = num_routers + num_groups
-    dist.all_to_all_single(
-        x.new_empty(0, h + 1), rows, output_split_sizes=[0] * p, input_split_sizes=none + counts, group=group
-    )
+    plane.all_to_all(x.new_empty(0, h + 1), rows, [0] * p, none + counts)
     back = x.new_empty(t * k, h)  # [N, H] results in the order sent
-    dist.all_to_all_single(
-        back, x.new_empty(0, h), output_split_sizes=none + counts, input_split_sizes=[0] * p, group=group
-    )
+    plane.all_to_all(back, x.new_empty(0, h), none + counts, [0] * p)
     out = torch.empty_like(back)
     out[order] = back  # un-permute to token-major pairs
     return out
@@ -64,7 +61,7 @@ def group_exchange(
     device: torch.device,
     num_routers: int,
     num_groups: int,
-    group: dist.ProcessGroup,
+    plane: DataPlane,
     compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> int:
     """An expert group's side of one layer: receive rows, `compute(x [N, H], expert_ids [N])`, return them.
@@ -72,23 +69,11 @@ def group_exchange(
     Returns the number of rows processed."""
     p = num_routers + num_groups
     got = torch.empty(p, dtype=torch.long, device=device)
-    dist.all_to_all_single(got, torch.zeros(p, dtype=torch.long, device=device), group=group)
-    from_routers = got[:num_routers].tolist()
+    plane.all_to_all_counts(got, torch.zeros(p, dtype=torch.long, device=device))
+    from_routers = got[:num_routers].tolist()  # the one host read of a layer: the split sizes
     n = sum(from_routers)
     rows = torch.empty(n, hidden_size + 1, dtype=dtype, device=device)  # [N, H+1]
-    dist.all_to_all_single(
-        rows,
-        rows.new_empty(0, hidden_size + 1),
-        output_split_sizes=from_routers + [0] * num_groups,
-        input_split_sizes=[0] * p,
-        group=group,
-    )
+    plane.all_to_all(rows, rows.new_empty(0, hidden_size + 1), from_routers + [0] * num_groups, [0] * p)
     y = compute(rows[:, :hidden_size], rows[:, hidden_size].long()).contiguous()  # [N, H]
-    dist.all_to_all_single(
-        y.new_empty(0, hidden_size),
-        y,
-        output_split_sizes=[0] * p,
-        input_split_sizes=from_routers + [0] * num_groups,
-        group=group,
-    )
+    plane.all_to_all(y.new_empty(0, hidden_size), y, [0] * p, from_routers + [0] * num_groups)
     return n

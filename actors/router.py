@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from actors.dispatch import router_exchange
 from actors.worker import Worker
@@ -42,18 +41,19 @@ class Router(Worker):
         sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)  # [L, E]
         for i, layer in enumerate(self.model.decoder_layers()):
-            with clock("shard_recv"):
-                parts = [torch.empty(n, cfg.hidden_size, dtype=self.dtype, device=self.device) for n in sizes]
-                for rank, buf in zip(self.spec.shards, parts, strict=True):
-                    if buf.shape[0]:
-                        dist.recv(buf, rank)
-                x = torch.cat(parts)  # [T, H]
+            with clock("shard_recv"):  # from every shard with rows, at once
+                x = torch.empty(sum(sizes), cfg.hidden_size, dtype=self.dtype, device=self.device)  # [T, H]
+                parts = torch.split(x, sizes)
+                self.data_plane.send_recv(
+                    recvs=[(r, p) for r, p in zip(self.spec.shards, parts, strict=True) if len(p)]
+                )
             with clock("gating"):  # gate, top-k and combine; the exchange inside is charged to itself
                 out = layer.block_sparse_moe(x, counts[i], self.exchange)  # [T, H]
             with clock("shard_send"):
-                for rank, part in zip(self.spec.shards, torch.split(out, sizes), strict=True):
-                    if part.shape[0]:
-                        dist.send(part.contiguous(), rank)
+                parts = torch.split(out, sizes)
+                self.data_plane.send_recv(
+                    sends=[(r, p) for r, p in zip(self.spec.shards, parts, strict=True) if len(p)]
+                )
         step_counts = counts.cpu()  # read once per step
         self.total_counts += step_counts
         clock.end_step()
@@ -62,7 +62,7 @@ class Router(Worker):
     def exchange(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The experts of a layer, reached over the data plane: x [T, H], ids [T, K] -> [T*K, H]."""
         with self.clock("exchange"):  # includes the expert groups' compute
-            return router_exchange(x, ids, self.group_of, self.num_routers, self.num_groups, self.moe_group)
+            return router_exchange(x, ids, self.group_of, self.num_routers, self.num_groups, self.data_plane)
 
     def settings(self) -> dict[str, Any]:
         return super().settings() | {"group_of_expert": self.group_of.tolist(), "shards": list(self.spec.shards)}

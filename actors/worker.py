@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import timedelta
 from typing import Any
 
 import ray
 import torch
-import torch.distributed as dist
 
+from actors.data_plane import DataPlane
 from actors.profiling import PhaseClock
 from model.checkpoint import Checkpoint
 from model.kernels import select_kernels
@@ -41,26 +40,6 @@ def free_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
 
 
-def init_data_plane(
-    device: torch.device,
-    master_addr: str,
-    master_port: int,
-    rank: int,
-    world_size: int,
-    moe_ranks: list[int],
-    timeout_s: float,
-) -> Any:
-    """The world process group (NCCL on GPU, gloo on CPU) and the router + expert-group sub-group."""
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://{master_addr}:{master_port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    return dist.new_group(moe_ranks)
-
-
 class Worker:
     """Base of AttentionShard, Router and ExpertGroup: holds `Mixtral(config, spec.parts, spec.experts)`
     on the kernels the config chooses for its device and dtype."""
@@ -87,7 +66,7 @@ class Worker:
             expert_slot=slot.__getitem__ if slot else lambda e: e,
         )
         self.keys_read = list(ckpt.keys_read)
-        self.moe_group: Any = None
+        self.plane: DataPlane | None = None  # formed by `join`
         self.clock = PhaseClock(self.device)
         logger.info("%s loaded %d tensors", spec.name, len(self.keys_read))
 
@@ -102,9 +81,15 @@ class Worker:
         cfg = self.setup.config
         world = cfg.cluster.attention_shards + cfg.cluster.routers + cfg.cluster.expert_groups
         timeout_s = max(cfg.engine.step_timeout_s, 60.0)
-        self.moe_group = init_data_plane(
-            self.device, master_addr, master_port, self.spec.rank, world, self.setup.moe_ranks, timeout_s
-        )
+        self.plane = DataPlane.join(
+            cfg.cluster.data_plane, self.device, master_addr, master_port, self.spec.rank, world,
+            self.setup.moe_ranks, timeout_s,
+        )  # fmt: skip
+
+    @property
+    def data_plane(self) -> DataPlane:
+        assert self.plane is not None, "a step before the data plane was formed"
+        return self.plane
 
     def where(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -131,6 +116,7 @@ class Worker:
             "dtype": str(param.dtype).removeprefix("torch."),
             "device": param.device.type,
             "kernels": self.model.kernels.name,
+            "transport": self.plane.backend if self.plane is not None else None,
             "checkpoint": str(Checkpoint(self.setup.config.model.checkpoint).path),
         }
 

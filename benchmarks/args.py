@@ -43,6 +43,9 @@ def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts (default 1 4 16)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--transport", choices=["nccl", "gloo"],
+                   help="the cluster's data plane (default: nccl on cuda, gloo on cpu); gloo on cuda puts the "
+                   "whole copy on one GPU")  # fmt: skip
     p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="the engine's kernels (default auto: the compiled CPU loops on CPU float32)")  # fmt: skip
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,

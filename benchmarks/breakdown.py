@@ -24,11 +24,12 @@ from typing import Any
 
 import ray
 import torch
-import torch.distributed as dist
 
-from actors.worker import free_address, init_data_plane
+from actors.data_plane import DataPlane
+from actors.worker import free_address
 from cluster.placement import Layout, worker_specs
 from model.config import ModelConfig
+from protocol.config import Transport
 
 PARTS = ("attention", "head", "gating", "expert_ffn", "data_plane", "control")
 
@@ -74,21 +75,22 @@ def decode_breakdown(profile: dict[str, Any]) -> dict[str, float]:
 class _Peer:
     """One process of the micro-benchmark: a rank in the same group layout as a model copy."""
 
-    def __init__(self, rank: int, role: str, device: str) -> None:
+    def __init__(self, rank: int, role: str, device: str, transport: Transport) -> None:
         torch.set_num_threads(1)
-        self.rank, self.role = rank, role
+        self.rank, self.role, self.transport = rank, role, transport
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        self.group: Any = None
+        self.plane: DataPlane | None = None
 
     def address(self) -> tuple[str, int]:
         return free_address()
 
     def join(self, addr: str, port: int, world: int, moe_ranks: list[int]) -> None:
-        self.group = init_data_plane(self.device, addr, port, self.rank, world, moe_ranks, timeout_s=120)
+        self.plane = DataPlane.join(self.transport, self.device, addr, port, self.rank, world, moe_ranks, timeout_s=120)
 
     def run(self, plan: dict[str, Any], iterations: int) -> list[float]:
         """Seconds per layer's worth of communication, per iteration (measured on shards; 0 elsewhere)."""
-        h, dtype, dev = plan["hidden"], plan["dtype"], self.device
+        h, dtype, dev, plane = plan["hidden"], plan["dtype"], self.device, self.plane
+        assert plane is not None
         r, g = plan["routers"], plan["groups"]
         p = r + g
         times = []
@@ -97,35 +99,33 @@ class _Peer:
             if self.role == "attention":
                 t = plan["shard_tokens"][self.rank]
                 x = torch.zeros(t, h, dtype=dtype, device=dev)
-                dist.send(x, plan["router_of_shard"][self.rank])
-                dist.recv(torch.empty_like(x), plan["router_of_shard"][self.rank])
+                plane.send_recv(sends=[(plan["router_of_shard"][self.rank], x)])
+                plane.send_recv(recvs=[(plan["router_of_shard"][self.rank], torch.empty_like(x))])
             elif self.role == "router":
                 mine = plan["router_shards"][self.rank]
-                for s in mine:
-                    dist.recv(torch.empty(plan["shard_tokens"][s], h, dtype=dtype, device=dev), s)
+                plane.send_recv(
+                    recvs=[(s, torch.empty(plan["shard_tokens"][s], h, dtype=dtype, device=dev)) for s in mine]
+                )
                 counts = plan["router_rows"][self.rank]  # rows to each group
                 none = [0] * r
-                dist.all_to_all_single(
-                    torch.empty(p, dtype=torch.long, device=dev),
-                    torch.tensor(none + counts, device=dev),
-                    group=self.group,
+                plane.all_to_all_counts(
+                    torch.empty(p, dtype=torch.long, device=dev), torch.tensor(none + counts, device=dev)
                 )
                 rows = torch.zeros(sum(counts), h + 1, dtype=dtype, device=dev)
-                dist.all_to_all_single(rows.new_empty(0, h + 1), rows, [0] * p, none + counts, group=self.group)
+                plane.all_to_all(rows.new_empty(0, h + 1), rows, [0] * p, none + counts)
                 back = torch.empty(sum(counts), h, dtype=dtype, device=dev)
-                dist.all_to_all_single(back, back.new_empty(0, h), none + counts, [0] * p, group=self.group)
-                for s in mine:
-                    dist.send(torch.zeros(plan["shard_tokens"][s], h, dtype=dtype, device=dev), s)
+                plane.all_to_all(back, back.new_empty(0, h), none + counts, [0] * p)
+                plane.send_recv(
+                    sends=[(s, torch.zeros(plan["shard_tokens"][s], h, dtype=dtype, device=dev)) for s in mine]
+                )
             else:
                 got = torch.empty(p, dtype=torch.long, device=dev)
-                dist.all_to_all_single(got, torch.zeros(p, dtype=torch.long, device=dev), group=self.group)
+                plane.all_to_all_counts(got, torch.zeros(p, dtype=torch.long, device=dev))
                 from_routers = got[:r].tolist()
                 rows = torch.empty(sum(from_routers), h + 1, dtype=dtype, device=dev)
-                dist.all_to_all_single(
-                    rows, rows.new_empty(0, h + 1), from_routers + [0] * g, [0] * p, group=self.group
-                )
+                plane.all_to_all(rows, rows.new_empty(0, h + 1), from_routers + [0] * g, [0] * p)
                 y = torch.zeros(sum(from_routers), h, dtype=dtype, device=dev)
-                dist.all_to_all_single(y.new_empty(0, h), y, [0] * p, from_routers + [0] * g, group=self.group)
+                plane.all_to_all(y.new_empty(0, h), y, [0] * p, from_routers + [0] * g)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -133,7 +133,14 @@ class _Peer:
 
 
 def raw_collectives_ms(
-    config: ModelConfig, layout: Layout, tokens_per_step: int, dtype: torch.dtype, device: str, iterations: int = 200
+    config: ModelConfig,
+    layout: Layout,
+    tokens_per_step: int,
+    dtype: torch.dtype,
+    device: str,
+    transport: Transport,
+    iterations: int = 200,
+    gpu_per_peer: float = 1.0,
 ) -> float:
     """Median milliseconds of one layer's communication at the shards, tokens spread evenly, no compute."""
     specs = worker_specs(layout, config.num_experts)
@@ -154,9 +161,9 @@ def raw_collectives_ms(
         "hidden": config.hidden_size, "dtype": dtype, "routers": r, "groups": g, "shard_tokens": shard_tokens,
         "router_of_shard": router_of_shard, "router_shards": router_shards, "router_rows": router_rows,
     }  # fmt: skip
-    gpu = 1 if device == "cuda" else 0
+    gpu = gpu_per_peer if device == "cuda" else 0
     peer: Any = ray.remote(num_cpus=0 if gpu else 1, num_gpus=gpu)(_Peer)
-    peers: list[Any] = [peer.remote(s.rank, s.role, device) for s in specs]
+    peers: list[Any] = [peer.remote(s.rank, s.role, device, transport) for s in specs]
     try:
         addr, port = ray.get(peers[0].address.remote())
         moe_ranks = [s.rank for s in specs if s.role != "attention"]

@@ -28,6 +28,7 @@ from benchmarks.workload import ensure_checkpoint, mixed_prompts
 from cluster.llm import LLM
 from cluster.placement import Layout
 from model.config import ModelConfig, torch_dtype
+from protocol.config import Transport
 
 logger = logging.getLogger("mixtral_cluster.bench")
 
@@ -95,7 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("cluster A=%d R=%d G=%d", *args.layout)
     torch.set_num_threads(1)  # this process only drives the engine now; the workers compute
     a, r, g = args.layout
-    with LLM(ckpt, attention_shards=a, routers=r, expert_groups=g, **engine) as cluster:
+    shape = {"attention_shards": a, "routers": r, "expert_groups": g, "transport": args.transport}
+    if args.device == "cuda" and args.transport == "gloo":  # the whole copy on this machine's one GPU
+        shape["worker_resources"] = {"GPU": 1.0 / layout.num_workers, "CPU": 1.0}
+    with LLM(ckpt, **shape, **engine) as cluster:
         runs["cluster"] = throughput.run_engine(cluster, prompts, new_tokens, size["repeats"])
         logger.info("cluster decode-step breakdown")
         batch = mixed_prompts(size["decode_batch"], 16, 16, config.vocab_size, seed=1)  # one prefill step, then decode
@@ -104,7 +108,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.generate(batch, throughput.greedy(new_tokens))
         result["breakdown"] = breakdown.decode_breakdown(cluster.step_profile())
         cluster.profile(False)
-    raw = breakdown.raw_collectives_ms(config, layout, size["decode_batch"], dtype, args.device)
+    transport: Transport = args.transport or ("nccl" if args.device == "cuda" else "gloo")
+    gpu_share = 1.0 if transport == "nccl" else 1.0 / layout.num_workers  # gloo: the whole copy may share one GPU
+    raw = breakdown.raw_collectives_ms(
+        config, layout, size["decode_batch"], dtype, args.device, transport, gpu_per_peer=gpu_share
+    )
     per_layer = result["breakdown"]["data_plane_median"] / config.num_layers  # medians, as the raw figure
     result["collectives"] = {"data_plane_per_layer_ms": per_layer, "raw_per_layer_ms": raw, "ratio": per_layer / raw}
 

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.args import BENCH_DESCRIPTION, SOAK_DESCRIPTION, bench_parser, soak_parser
-from cluster.placement import Layout, PlacementError, Slot, assign_slots, check_memory, param_bytes, worker_specs
+from cluster.placement import (
+    Layout,
+    PlacementError,
+    Slot,
+    assign_slots,
+    check_memory,
+    check_transport,
+    param_bytes,
+    worker_resources,
+    worker_specs,
+)
 from cluster.serve_config import ServeConfig
 from model.checkpoint import write_random_checkpoint
 from model.config import DTYPES, ModelConfig, preset_names, torch_dtype
@@ -147,7 +157,12 @@ def plan_rows(cfg: ServeConfig) -> tuple[list[tuple[str, str, str, int, int]], l
     problems: list[str] = []
     gpu = clu.device == "cuda"
     if gpu:
-        slots = assign_slots(len(specs), clu.gpus_per_node, clu.placement_strategy)
+        try:
+            check_transport(clu)
+        except PlacementError as e:
+            problems.append(str(e))
+        share = worker_resources(clu).get("GPU", 1.0) or 1.0
+        slots = assign_slots(len(specs), clu.gpus_per_node, clu.placement_strategy, gpu_share=share)
         try:
             check_memory(shape, specs, itemsize, int(clu.gpu_memory_gb * 1e9))
         except PlacementError as e:
@@ -155,15 +170,20 @@ def plan_rows(cfg: ServeConfig) -> tuple[list[tuple[str, str, str, int, int]], l
     else:
         slots = [Slot(0, -1)] * len(specs)
     rows = []
+    on_gpu: dict[Slot, list[tuple[str, int]]] = {}  # the workers that share each GPU
     for spec, slot in zip(specs, slots, strict=True):
         weights = param_bytes(shape, spec, itemsize)
         cache = kv if spec.role == "attention" else 0
         device = f"GPU {slot.gpu}" if gpu else "CPU"
         rows.append((spec.name, f"node {slot.node}", device, weights, cache))
-        if gpu and weights + cache > clu.gpu_memory_gb * 1e9 * 0.9:
+        on_gpu.setdefault(slot, []).append((spec.name, weights + cache))
+    for slot, held in on_gpu.items() if gpu else ():
+        total = sum(n for _, n in held)
+        if total > clu.gpu_memory_gb * 1e9 * 0.9:
+            names = ", ".join(name for name, _ in held)
             problems.append(
-                f"{spec.name}: {weights / 1e9:.1f} GB of weights + {cache / 1e9:.1f} GB of KV cache exceed "
-                f"90% of a {clu.gpu_memory_gb:.0f} GB GPU"
+                f"GPU {slot.gpu} of node {slot.node} ({names}): {total / 1e9:.1f} GB of weights and KV cache "
+                f"exceed 90% of a {clu.gpu_memory_gb:.0f} GB GPU"
             )
     return rows, sorted(set(problems))
 
@@ -186,7 +206,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{name:<14} {node:<8} {device:<7} {_gb(weights):>10} {_gb(cache):>10} {_gb(weights + cache):>10}")
     replicas = cfg.serving.max_replicas
     if clu.device == "cuda":
-        print(f"GPUs per copy: {len(rows)}; for {replicas} replica(s): {len(rows) * replicas} GPUs "
+        gpus = len({(node, device) for _, node, device, _, _ in rows})
+        print(f"GPUs per copy: {gpus}; for {replicas} replica(s): {gpus * replicas} GPUs "
               f"({clu.gpu_memory_gb:.0f} GB each, {clu.gpus_per_node} per node), plus 1 CPU per replica")  # fmt: skip
     if problems:
         for p in problems:

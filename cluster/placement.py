@@ -115,6 +115,23 @@ def worker_resources(cluster: ClusterSection) -> dict[str, float]:
     return {"CPU": 1.0}
 
 
+def check_transport(cluster: ClusterSection) -> None:
+    """Fail fast when a CUDA copy cannot form its data plane: workers without a GPU, or NCCL ranks
+    that would share one (NCCL refuses two ranks on a device: "Duplicate GPU detected")."""
+    if cluster.device != "cuda":
+        return
+    asks = worker_resources(cluster)
+    gpus = asks.get("GPU", 0.0)
+    if gpus <= 0:
+        raise PlacementError(f"device cuda needs a GPU share in cluster.worker_resources; each worker asks for {asks}")
+    if cluster.data_plane == "nccl" and gpus < 1:
+        raise PlacementError(
+            f"transport nccl needs one GPU per worker, but each worker asks for {gpus:g} GPU, so several would "
+            "share one and NCCL refuses two ranks on a GPU; use cluster.transport: gloo (the data plane through "
+            "host memory) or give each worker a whole GPU (more GPUs)"
+        )
+
+
 def bundles(
     specs: Sequence[WorkerSpec],
     resources: Mapping[str, float],
@@ -194,12 +211,27 @@ class Slot:
     gpu: int
 
 
-def assign_slots(num_workers: int, gpus_per_node: int, strategy: Strategy, num_nodes: int | None = None) -> list[Slot]:
-    """One GPU per worker on nodes of `gpus_per_node`: PACK fills nodes in order, SPREAD deals round-robin.
+def assign_slots(
+    num_workers: int,
+    gpus_per_node: int,
+    strategy: Strategy,
+    num_nodes: int | None = None,
+    gpu_share: float = 1.0,
+) -> list[Slot]:
+    """GPUs for workers on nodes of `gpus_per_node`: PACK fills nodes in order, SPREAD deals round-robin.
+    Each worker asks for `gpu_share` of a GPU; below 1, consecutive workers share a GPU (gloo only).
 
     This is the plan `mixtral-cluster plan` prints; Ray's placement group makes the real choice,
     under the same strategy. Fails when `num_nodes` nodes cannot hold the workers.
     """
+    if gpu_share < 1:
+        per_gpu = int(1 / gpu_share + 1e-9)
+        gpus = _whole_gpus(math.ceil(num_workers / per_gpu), gpus_per_node, strategy, num_nodes)
+        return [gpus[i // per_gpu] for i in range(num_workers)]
+    return _whole_gpus(num_workers, gpus_per_node, strategy, num_nodes)
+
+
+def _whole_gpus(num_workers: int, gpus_per_node: int, strategy: Strategy, num_nodes: int | None) -> list[Slot]:
     needed = math.ceil(num_workers / gpus_per_node)
     nodes = needed if num_nodes is None else num_nodes
     if nodes * gpus_per_node < num_workers:

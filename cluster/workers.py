@@ -29,6 +29,7 @@ from cluster.placement import (
     bundles,
     check_memory,
     check_resources,
+    check_transport,
     worker_resources,
     worker_specs,
 )
@@ -74,6 +75,7 @@ class RayBackend:
         self.step_timeout_s = cfg.engine.step_timeout_s
         self.specs = worker_specs(self.layout, setup.model.num_experts)
         wanted = bundles(self.specs, worker_resources(cfg.cluster))
+        check_transport(cfg.cluster)
         if cfg.cluster.device == "cuda":
             check_memory(setup.model, self.specs, cfg.dtype.itemsize, int(cfg.cluster.gpu_memory_gb * 1e9))
         self.bundle_offset = bundle_offset

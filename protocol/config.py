@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.checkpoint import write_random_checkpoint
 from model.config import DTypeName, ModelConfig, torch_dtype
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Device = Literal["cpu", "cuda"]
+Transport = Literal["nccl", "gloo"]
 
 
 class Section(BaseModel):
@@ -61,6 +62,20 @@ class ClusterSection(Section):
     # What each worker's bundle asks for; default one GPU + one CPU on cuda, one CPU slot on cpu. Add a
     # custom resource (e.g. {"GPU": 1, "CPU": 1, "h100_node": 1}) to keep workers on one node type.
     worker_resources: dict[str, float] | None = None
+    # The data plane: nccl (one GPU per worker) or gloo (CPU; or CUDA workers sharing a GPU, through
+    # host memory). Default: nccl on cuda, gloo on cpu.
+    transport: Transport | None = None
+
+    @model_validator(mode="after")
+    def _transport_fits_device(self) -> ClusterSection:
+        if self.transport == "nccl" and self.device != "cuda":
+            raise ValueError("transport nccl moves GPU tensors: it needs device cuda (use gloo on cpu)")
+        return self
+
+    @property
+    def data_plane(self) -> Transport:
+        """The transport in use: the configured one, else the device's."""
+        return self.transport or ("nccl" if self.device == "cuda" else "gloo")
 
 
 class EngineSection(Section):

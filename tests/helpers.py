@@ -60,3 +60,19 @@ def staggered_streams(llm: Any, prompts: list[list[int]], params: Any) -> list[t
         return list(await asyncio.gather(*(one(p, i > 0) for i, p in enumerate(prompts))))
 
     return asyncio.run(run())
+
+
+def poisoned_copy(src: Path, dst: Path, token: int) -> Path:
+    """A copy of checkpoint `src` whose embedding row `token` is NaN: what broken weights look like.
+    A sequence holding that token gets NaN logits; the others are untouched."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        shutil.copy(f, dst / f.name)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["model.embed_tokens.weight"][token] = float("nan")
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -63,6 +63,18 @@ def test_plan_refuses_8x22b_bf16_on_too_few_gpus(tmp_path: Path) -> None:
     assert "refused" in out.stderr and "GB" in out.stderr
 
 
+def test_plan_puts_the_one_gpu_config_on_one_gpu_and_refuses_it_with_nccl(tmp_path: Path) -> None:
+    out = cli("plan", str(ROOT / "configs/one-gpu.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "GPUs per copy: 1;" in out.stdout and out.stdout.rstrip().endswith("fits")
+    cfg = yaml.safe_load((ROOT / "configs/one-gpu.yaml").read_text())
+    cfg["cluster"]["transport"] = "nccl"
+    path = tmp_path / "nccl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = cli("plan", str(path))
+    assert out.returncode == 1 and "use cluster.transport: gloo" in out.stderr
+
+
 def test_plan_names_a_bad_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("model: {checkpoint: x, preset: tiny}\ncluster: {routers: 0}\n")

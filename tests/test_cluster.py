@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
-from safetensors.torch import load_file, save_file
 
 from cluster.engine import EngineError, RequestFailed, SamplingParams
 from cluster.llm import LLM
 from cluster.placement import param_bytes
-from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy, staggered_streams
+from tests.helpers import ENGINE_CONFIG, poisoned_copy, random_prompts, reference_greedy, staggered_streams
 
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 3), (1, 1, 8), (2, 2, 8)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -151,19 +149,21 @@ def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
     assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
 
 
+def test_nccl_ranks_sharing_a_gpu_are_refused_before_any_actor_starts(ckpt) -> None:
+    from cluster.placement import PlacementError
+
+    groups = len(ray.util.placement_group_table())
+    with pytest.raises(PlacementError, match=r"use cluster\.transport: gloo"):
+        LLM(ckpt, expert_groups=2, device="cuda", worker_resources={"GPU": 0.25, "CPU": 1.0})
+    assert len(ray.util.placement_group_table()) == groups  # nothing was reserved
+
+
 POISON = 777  # a token whose embedding row is NaN in `poisoned_ckpt`
 
 
 @pytest.fixture(scope="module")
 def poisoned_ckpt(ckpt, tmp_path_factory) -> Path:
-    """The engine checkpoint with one embedding row NaN: what broken weights look like."""
-    out = tmp_path_factory.mktemp("poisoned")
-    for f in Path(ckpt).iterdir():
-        shutil.copy(f, out / f.name)
-    tensors = load_file(out / "model.safetensors")
-    tensors["model.embed_tokens.weight"][POISON] = float("nan")
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return poisoned_copy(ckpt, tmp_path_factory.mktemp("poisoned"), POISON)
 
 
 @pytest.mark.parametrize("layout", [None, (1, 1, 2)], ids=["single", "A1-R1-G2"])

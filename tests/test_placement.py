@@ -7,9 +7,11 @@ import pytest
 from cluster.placement import (
     Layout,
     PlacementError,
+    assign_slots,
     bundles,
     check_memory,
     check_resources,
+    check_transport,
     expert_map,
     param_bytes,
     shard_routers,
@@ -99,3 +101,24 @@ def test_bundles_and_resource_checks() -> None:
     with pytest.raises(PlacementError, match="fits on no node"):
         check_resources([{"GPU": 1.0, "CPU": 1.0}] * 3, [{"GPU": 2.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 2.0}])
     assert bundles(specs, worker_resources(ClusterSection()))[0] == {"CPU": 1.0}
+
+
+def test_a_cuda_data_plane_is_checked_before_anything_starts() -> None:
+    shared = {"GPU": 0.25, "CPU": 1.0}  # four workers on one GPU
+    with pytest.raises(PlacementError, match=r"0\.25 GPU.*NCCL refuses two ranks on a GPU.*transport: gloo"):
+        check_transport(ClusterSection(device="cuda", worker_resources=shared))  # nccl: the default on cuda
+    check_transport(ClusterSection(device="cuda", worker_resources=shared, transport="gloo"))
+    check_transport(ClusterSection(device="cuda"))  # a whole GPU each: nccl is fine
+    with pytest.raises(PlacementError, match="needs a GPU share"):
+        check_transport(ClusterSection(device="cuda", worker_resources={"CPU": 1.0}, transport="gloo"))
+    check_transport(ClusterSection())  # CPU: gloo, nothing to check
+    with pytest.raises(ValueError, match="transport nccl moves GPU tensors: it needs device cuda"):
+        ClusterSection(transport="nccl")
+    assert ClusterSection(device="cuda").data_plane == "nccl" and ClusterSection().data_plane == "gloo"
+
+
+def test_workers_sharing_a_gpu_are_planned_onto_it() -> None:
+    slots = assign_slots(5, gpus_per_node=2, strategy="PACK", gpu_share=0.25)
+    assert [(s.node, s.gpu) for s in slots] == [(0, 0)] * 4 + [(0, 1)]
+    slots = assign_slots(4, gpus_per_node=1, strategy="PACK", gpu_share=0.2)
+    assert {(s.node, s.gpu) for s in slots} == {(0, 0)}

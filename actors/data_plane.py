@@ -1,0 +1,106 @@
+"""A worker's end of the data plane: the `torch.distributed` process group among a copy's workers.
+
+Shape legend: P = members of the router + expert-group sub-group.
+
+Two transports, the same calls (`cluster.transport`):
+
+    nccl   one rank per GPU (NCCL refuses two ranks on one device); device tensors go as they are
+    gloo   CPU tensors; and CUDA tensors of workers that share a GPU (a whole copy on one GPU):
+           gloo's all_to_all_single takes them as they are, but its send/recv of a CUDA tensor
+           crashes the process, so point-to-point tensors are staged through pinned host memory
+
+Point-to-point traffic is posted as one batch (`batch_isend_irecv`) per hop, so a router receives
+from all its shards at once. Nothing here synchronises the host with the device except what a
+transport needs (gloo's staging copies) and the caller's split sizes (`actors/dispatch.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from protocol.config import Transport
+
+
+class DataPlane:
+    def __init__(self, transport: Transport, device: torch.device, moe_group: Any) -> None:
+        self.transport = transport
+        self.device = device
+        self.moe_group = moe_group  # routers + expert groups, for the all-to-all
+        self.staged = transport == "gloo" and device.type == "cuda"
+
+    @classmethod
+    def join(
+        cls,
+        transport: Transport,
+        device: torch.device,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        moe_ranks: list[int],
+        timeout_s: float,
+    ) -> DataPlane:
+        """Form the world group and the router + expert-group sub-group; every rank calls it."""
+        options: dict[str, Any] = {}
+        if transport == "nccl":
+            torch.cuda.set_device(device)  # NCCL's batched p2p hangs without a current device
+            options["device_id"] = device  # and binds the communicator to it up front
+        dist.init_process_group(
+            transport,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+            **options,
+        )
+        moe_group = dist.new_group(moe_ranks)
+        # Batched p2p as the first call on a group needs every rank in it: one barrier first.
+        dist.barrier(device_ids=[device.index or 0] if transport == "nccl" else None)
+        return cls(transport, device, moe_group)
+
+    def send_recv(
+        self, sends: Sequence[tuple[int, torch.Tensor]] = (), recvs: Sequence[tuple[int, torch.Tensor]] = ()
+    ) -> None:
+        """Send each (peer rank, tensor) of `sends` and fill each of `recvs`, all posted at once."""
+        if not sends and not recvs:
+            return
+        if self.staged:
+            sends = [(peer, _to_host(t)) for peer, t in sends]
+            landing = [(peer, t, _pinned_like(t)) for peer, t in recvs]
+            recvs = [(peer, host) for peer, _, host in landing]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        if self.staged:
+            for _, target, host in landing:
+                target.copy_(host)  # synchronous: the pinned buffer is free again when this returns
+
+    def all_to_all(
+        self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> None:
+        """`all_to_all_single` in the router + expert-group sub-group (rows per member, P each)."""
+        dist.all_to_all_single(output, input, output_splits, input_splits, group=self.moe_group)
+
+    def all_to_all_counts(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """The [P] split sizes every member sends every other, exchanged before the rows."""
+        dist.all_to_all_single(output, input, group=self.moe_group)
+
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend())
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = _pinned_like(t)
+    host.copy_(t)  # waits for the device: the tensor must be complete before gloo reads it
+    return host
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

@@ -1,7 +1,7 @@
 """AttentionShard: embeddings, attention of every layer, the final norm, lm_head, sampling,
 and the paged KV cache of the sequences that live on it.
 
-Shape legend: T = this shard's tokens in the step, H = hidden, S' = sequences that sample.
+Shape legend: T = this shard's tokens in the step, H = hidden, R = rows that need logits, V = vocab.
 
 It runs the model's one layer loop (`Mixtral.hidden_states`); the MoE half of each layer is
 `moe_over_data_plane`: the rows go to this shard's router and the combined output comes back.
@@ -33,6 +33,7 @@ class AttentionShard(Worker):
         clock.begin_step()
         batch = plan.batches[self.spec.index]
         self.sampler.drop(batch.finished)
+        self.cache.copy_blocks(batch.copies)  # forked choices' own last blocks, before anything writes
         if not batch.chunks:  # nothing here this step; the router expects no rows from us
             clock.end_step()
             return []
@@ -41,9 +42,9 @@ class AttentionShard(Worker):
             cache = CacheBatch(self.cache, p.block_tables)
             h = self.model.hidden_states(
                 p.tokens, p.positions, p.seq_lens, cache, self.moe_over_data_plane, p.logit_rows
-            )  # [S', H]
+            )  # [R, H]
         with clock("head"):
-            sampled = self.sampler.sample(batch, self.model.lm_head(h))  # logits [S', V]
+            sampled = self.sampler.sample(batch, self.model.lm_head(h), p.spans)  # logits [R, V]
         clock.end_step()
         return sampled
 

@@ -29,7 +29,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.config import EngineSection
-from protocol.step import Sampled, Sampler, SeqChunk, ShardBatch, pack
+from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,15 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class SamplingParams(ModelSamplingParams):
-    """Per-request generation settings (the model-level ones plus stopping rules)."""
+    """Per-request generation settings (the model-level ones plus choices, logprobs and stopping rules)."""
 
+    max_tokens: int = Field(default=16, ge=0)  # 0: score the prompt only (needs prompt_logprobs)
+    n: int = Field(default=1, ge=1)  # choices, sharing the prompt's KV blocks; choice i draws with seed + i
     stop: list[str] = Field(default_factory=list)  # stop strings; the text ends before the first match
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False  # log-probability of each sampled token
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per sampled token, + alternatives
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token (not the first)
 
 
 class EngineError(RuntimeError):
@@ -69,7 +72,7 @@ class RequestError(ValueError):
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step: what is new since the last update and everything so far."""
+    """One choice of a request after a step: what is new since the last update and everything so far."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -77,11 +80,15 @@ class RequestOutput:
     text: str
     new_token_ids: list[int]
     new_text: str
-    finished: bool = False
+    finished: bool = False  # this choice is done
     finish_reason: FinishReason | None = None
-    logprobs: list[float] | None = None
-    error: str | None = None  # the request ended in error: its own (a RequestFailed) or the engine's
+    logprobs: list[TokenLogprobs] | None = None  # per token so far, when asked for
+    error: str | None = None  # the choice ended in error: its own (a RequestFailed) or the engine's
     engine_failed: bool = False  # the error is the engine's: it cannot serve any more
+    index: int = 0  # which of the request's `n` choices
+    request_finished: bool = False  # every choice of the request is done: its last update
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once every prompt position is scored (the first: None)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
@@ -121,6 +128,7 @@ class LocalBackend:
     def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
         (batch,) = batches
         self.sampler.drop(batch.finished)
+        self.cache.copy_blocks(batch.copies)  # forked choices' own last blocks, before anything writes
         cfg, device = self.model.config, self.cache.k.device
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
         if not batch.chunks:
@@ -128,7 +136,7 @@ class LocalBackend:
         p = pack(batch, device)
         cache = CacheBatch(self.cache, p.block_tables)
         logits = self.model(p.tokens, p.positions, p.seq_lens, cache, logit_rows=p.logit_rows, expert_counts=counts)
-        return [self.sampler.sample(batch, logits)], counts.cpu()  # the counters are read once per step
+        return [self.sampler.sample(batch, logits, p.spans)], counts.cpu()  # the counters are read once per step
 
     def reports(self, report: Report) -> dict[str, Any]:
         return {}  # no workers: the engine's own step records are the profile
@@ -141,20 +149,33 @@ class LocalBackend:
 
 
 @dataclass
-class _Request:
+class _Choice:
+    """One choice of a request: its sequence and the text and logprobs reported so far."""
+
     seq: SchedSeq
-    params: SamplingParams
+    index: int
     decoder: IncrementalDecoder | None  # None: the model has no tokenizer, its text stays empty
     text: str = ""
     emitted: int = 0  # characters of text already reported
     emitted_tokens: int = 0
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def push(self, token: int) -> str:
         return self.decoder.push(token) if self.decoder is not None else ""
 
     def flush(self) -> str:
         return self.decoder.flush() if self.decoder is not None else ""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    choices: dict[int, _Choice]  # live choices by index
+    pending: list[Draw]  # choices still to fork from choice 0 once its prompt is computed
+    unfinished: int  # choices not done, pending ones included
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
 
 
 class Engine:
@@ -169,6 +190,7 @@ class Engine:
         self.backend = backend
         self.config = config
         self.tokenizer = tokenizer
+        self.settings = settings
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
         self.max_model_len = settings.max_model_len or config.max_position_embeddings
         self.scheduler = Scheduler(
@@ -178,10 +200,13 @@ class Engine:
             settings.max_batched_tokens,
             settings.max_seqs,
             config.sliding_window,
+            settings.prefix_caching,
         )
         self.requests: dict[str, _Request] = {}
+        self._choices: dict[str, tuple[_Request, _Choice]] = {}  # by sequence id
         self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
+        self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
         self.steps = 0
         self.profile = False  # when set, `step_records` gets one entry per step
         self.step_records: list[dict[str, float]] = []
@@ -190,13 +215,18 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
         """Queue a request; `RequestError` for one that can never run (empty, too long, bad token ids,
-        more KV blocks than a shard has)."""
-        if request_id in self.requests:
+        more KV blocks than a shard has, settings out of range)."""
+        choice_ids = [request_id] + [_choice_id(request_id, i) for i in range(1, params.n)]
+        if request_id in self.requests or any(c in self._choices for c in choice_ids):
             raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")
         self.check_request(prompt, params, request_id)
-        seq = self.scheduler.add(request_id, list(prompt), params.max_tokens)
-        decoder = self.tokenizer.decoder() if self.tokenizer is not None else None
-        self.requests[request_id] = _Request(seq, params, decoder)
+        reuse = params.prompt_logprobs is None  # every prompt position must be computed to be scored
+        seq = self.scheduler.add(request_id, list(prompt), params.max_tokens, reuse=reuse)
+        forks = [Draw(cid, None if params.seed is None else params.seed + i) for i, cid in enumerate(choice_ids)]
+        first = _Choice(seq, 0, self._decoder())
+        req = _Request(request_id, list(prompt), params, {0: first}, forks[1:], params.n)
+        self.requests[request_id] = req
+        self._choices[request_id] = (req, first)
 
     def check_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str = "") -> None:
         """`RequestError` for a prompt and settings this engine can never run; reads fixed limits only."""
@@ -204,6 +234,11 @@ class Engine:
             raise RequestError("prompt is empty", "prompt")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this model has none; use stop_token_ids", "stop")
+        if params.n > self.settings.max_n:
+            raise RequestError(f"n is {params.n}; this server allows at most {self.settings.max_n}", "n")
+        if params.max_tokens == 0 and (params.prompt_logprobs is None or params.n > 1):
+            raise RequestError("max_tokens must be > 0, except to score a prompt (echo with logprobs, n 1)",
+                               "max_tokens")  # fmt: skip
         vocab = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -227,12 +262,14 @@ class Engine:
         except ValueError as e:  # more KV blocks than a shard holds
             raise RequestError(str(e), "max_tokens") from e
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now: its blocks are free for the next step."""
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request, every choice of it, now: its blocks are free for the next step."""
         req = self.requests.get(request_id)
         if req is None:
-            return None
-        return self._finish(req, "abort")
+            return []
+        req.unfinished -= len(req.pending)
+        req.pending = []
+        return [self._finish(req, choice, "abort") for choice in list(req.choices.values())]
 
     @property
     def has_work(self) -> bool:
@@ -250,18 +287,21 @@ class Engine:
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV cache of all shards holds at once."""
-        return sum(a.num_blocks for a in self.scheduler.allocators) * self.scheduler.block_size
+        return sum(p.num_blocks for p in self.scheduler.pools) * self.scheduler.block_size
 
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one step on the backend, and report every request that changed."""
+        """Schedule, run one step on the backend, and report every choice that changed."""
         started = time.perf_counter()
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
             return []
         batches = [ShardBatch(finished=drops) for drops in self._drops]
+        for batch, copies in zip(batches, self._copies, strict=True):  # for choices still alive
+            batch.copies = [pair for pair, seq_id in copies if seq_id in self._choices]
         self._drops = [[] for _ in range(self.backend.num_shards)]
+        self._copies = [[] for _ in range(self.backend.num_shards)]
         for c in schedule.chunks:
             batches[c.seq.shard].chunks.append(self._chunk(c))
         executed = time.perf_counter()
@@ -270,12 +310,13 @@ class Engine:
         self.expert_counts += counts
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
+        results = {s.request_id: s for shard_out in sampled for s in shard_out}
         outputs = []
-        for shard_out in sampled:
-            for s in shard_out:
-                req = self.requests.get(s.request_id)
-                if req is not None:
-                    outputs.append(self._apply(req, s))
+        for c in schedule.chunks:
+            entry = self._choices.get(c.seq.request_id)
+            result = results.get(c.seq.request_id)
+            if entry is not None and result is not None:
+                outputs += self._apply(*entry, c, result, results)
         if self.profile:
             self.step_records.append({
                 "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included
@@ -287,93 +328,158 @@ class Engine:
         return outputs
 
     def _chunk(self, c: Chunk) -> SeqChunk:
-        req = self.requests[c.seq.request_id]
+        req, choice = self._choices[c.seq.request_id]
+        prompt_len = len(req.prompt)
+        score = req.params.prompt_logprobs is not None and choice.index == 0 and c.start < prompt_len
+        draw = c.sample and req.params.max_tokens > 0
+        forks = req.pending if draw and choice.index == 0 and not choice.seq.output else []
         return SeqChunk(
             request_id=c.seq.request_id,
             tokens=c.seq.tokens[c.start : c.end],
             start=c.start,
             block_table=list(c.seq.block_table),
-            params=req.params if c.sample else None,
+            params=req.params if draw else None,
             logprobs=req.params.logprobs,
+            prompt_logprobs=req.params.prompt_logprobs if score else None,
+            next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
+            forks=list(forks),
         )
 
-    def _apply(self, req: _Request, s: Sampled) -> RequestOutput:
-        """A sampled token into its request; a failure of this one request ends it alone."""
+    def _apply(
+        self, req: _Request, choice: _Choice, c: Chunk, s: Sampled, results: dict[str, Sampled]
+    ) -> list[RequestOutput]:
+        """A step's result into its choice; a failure of this one choice ends it alone."""
         if s.error is not None:
-            return self._fail(req, s.error)
+            return [self._fail(req, choice, s.error)]
         try:
-            return self._append(req, s)
+            if s.prompt_logprobs is not None:
+                self._record_prompt_logprobs(req, c.start, s.prompt_logprobs)
+            if s.token is None:  # a scored prompt chunk; the last one of a scoring-only request ends it
+                done = req.params.max_tokens == 0 and c.end == len(req.prompt)
+                return [self._finish(req, choice, "length")] if done else []
+            forked = self._fork(req, choice, results) if choice.index == 0 and req.pending else []
+            return forked + [self._append(req, choice, s)]
         except Exception as e:  # detokenising or stop checks of this request
-            logger.exception("request %s failed after a step", req.seq.request_id)
-            return self._fail(req, f"{type(e).__name__}: {e}")
+            logger.exception("request %s failed after a step", req.request_id)
+            return [self._fail(req, choice, f"{type(e).__name__}: {e}")]
 
-    def _fail(self, req: _Request, error: str) -> RequestOutput:
-        logger.warning("request %s failed: %s", req.seq.request_id, error)
-        out = self._finish(req, "abort")
-        out.error = f"request {req.seq.request_id} failed: {error}"
+    def _fork(self, req: _Request, first: _Choice, results: dict[str, Sampled]) -> list[RequestOutput]:
+        """Choice 0's prompt is computed and each pending choice drew its first token from the same
+        logits: give each its own sequence, sharing the prompt's blocks."""
+        outputs = []
+        for i, draw in enumerate(req.pending, start=1):
+            s = results[draw.request_id]
+            seq, copy = self.scheduler.fork(first.seq, draw.request_id)
+            choice = _Choice(seq, i, self._decoder())
+            req.choices[i] = choice
+            self._choices[draw.request_id] = (req, choice)
+            if copy is not None:
+                self._copies[seq.shard].append((copy, draw.request_id))
+            outputs.append(self._fail(req, choice, s.error) if s.error else self._append(req, choice, s))
+        req.pending = []
+        return outputs
+
+    def _record_prompt_logprobs(self, req: _Request, start: int, scored: list[TokenLogprobs]) -> None:
+        """The chunk starting at `start` scored positions start+1, start+2, ...; keep the prompt's,
+        once each (a recomputed chunk scores them again)."""
+        for position, entry in enumerate(scored, start=start + 1):
+            if position == len(req.prompt_logprobs) and position < len(req.prompt):
+                req.prompt_logprobs.append(entry)
+
+    def _fail(self, req: _Request, choice: _Choice, error: str) -> RequestOutput:
+        logger.warning("request %s (choice %d) failed: %s", req.request_id, choice.index, error)
+        if choice.index == 0:  # the pending choices would fork from it
+            req.unfinished -= len(req.pending)
+            req.pending = []
+        out = self._finish(req, choice, "abort")
+        out.error = f"request {req.request_id} failed: {error}"
         return out
 
-    def _append(self, req: _Request, s: Sampled) -> RequestOutput:
-        seq, params = req.seq, req.params
+    def _append(self, req: _Request, choice: _Choice, s: Sampled) -> RequestOutput:
+        seq, params = choice.seq, req.params
+        assert s.token is not None
         seq.output.append(s.token)
-        if s.logprob is not None:
-            req.logprobs.append(s.logprob)
+        if s.logprobs is not None:
+            choice.logprobs.append(s.logprobs)
         stop_token = s.token in params.stop_token_ids or (s.token == self.eos_id and not params.ignore_eos)
         reason: FinishReason | None = None
         if stop_token:
-            req.text += req.flush()
+            choice.text += choice.flush()
             reason = "stop"
         else:
-            req.text += req.push(s.token)
-            cut = _first_stop(req.text, params.stop, max(0, req.emitted - _longest(params.stop)))
+            choice.text += choice.push(s.token)
+            cut = _first_stop(choice.text, params.stop, max(0, choice.emitted - _longest(params.stop)))
             if cut is not None:
-                req.text = req.text[:cut]
+                choice.text = choice.text[:cut]
                 reason = "stop"
             elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
-                req.text += req.flush()
+                choice.text += choice.flush()
                 reason = "length"
         if reason is not None:
-            return self._finish(req, reason)
-        return self._update(req, hold=_longest(params.stop) - 1)
+            return self._finish(req, choice, reason)
+        return self._update(req, choice, hold=_longest(params.stop) - 1)
 
-    def _update(self, req: _Request, hold: int = 0, reason: FinishReason | None = None) -> RequestOutput:
+    def _update(
+        self, req: _Request, choice: _Choice, hold: int = 0, reason: FinishReason | None = None
+    ) -> RequestOutput:
         """The delta since the last report; `hold` characters stay back while a stop string may be forming."""
-        visible = len(req.text) if reason is not None else max(req.emitted, len(req.text) - max(hold, 0))
-        new_text = req.text[req.emitted : visible]
-        req.emitted = visible
-        new_tokens = req.seq.output[req.emitted_tokens :]
-        req.emitted_tokens = len(req.seq.output)
+        visible = len(choice.text) if reason is not None else max(choice.emitted, len(choice.text) - max(hold, 0))
+        new_text = choice.text[choice.emitted : visible]
+        choice.emitted = visible
+        new_tokens = choice.seq.output[choice.emitted_tokens :]
+        choice.emitted_tokens = len(choice.seq.output)
+        scored = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt)
         return RequestOutput(
-            request_id=req.seq.request_id,
-            prompt_token_ids=req.seq.prompt,
-            token_ids=list(req.seq.output),
-            text=req.text[:visible],
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt,
+            token_ids=list(choice.seq.output),
+            text=choice.text[:visible],
             new_token_ids=new_tokens,
             new_text=new_text,
             finished=reason is not None,
             finish_reason=reason,
-            logprobs=list(req.logprobs) if req.params.logprobs else None,
+            logprobs=list(choice.logprobs) if req.params.logprobs is not None else None,
+            index=choice.index,
+            request_finished=req.unfinished == 0,
+            prompt_logprobs=req.prompt_logprobs if scored else None,  # complete: no longer appended to
+            cached_tokens=req.choices[0].seq.cached_tokens if 0 in req.choices else 0,
         )
 
-    def _finish(self, req: _Request, reason: FinishReason) -> RequestOutput:
-        seq = req.seq
+    def _finish(self, req: _Request, choice: _Choice, reason: FinishReason) -> RequestOutput:
+        seq = choice.seq
         if seq.shard >= 0:
             self._drops[seq.shard].append(seq.request_id)
         self.scheduler.finish(seq)
-        del self.requests[seq.request_id]
-        return self._update(req, reason=reason)
+        del self._choices[seq.request_id]
+        req.unfinished -= 1
+        out = self._update(req, choice, reason=reason)
+        del req.choices[choice.index]
+        if req.unfinished == 0:
+            del self.requests[req.request_id]
+        return out
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with `error` (the backend is gone)."""
         outs = []
         for req in list(self.requests.values()):
-            out = self._finish(req, "abort")
-            out.error, out.engine_failed = error, True
-            outs.append(out)
+            req.unfinished -= len(req.pending)
+            req.pending = []
+            for choice in list(req.choices.values()):
+                out = self._finish(req, choice, "abort")
+                out.error, out.engine_failed = error, True
+                outs.append(out)
         return outs
+
+    def _decoder(self) -> IncrementalDecoder | None:
+        return self.tokenizer.decoder() if self.tokenizer is not None else None
 
     def shutdown(self) -> None:
         self.backend.shutdown()
+
+
+def _choice_id(request_id: str, index: int) -> str:
+    """The sequence id of a request's choice `index` > 0 (choice 0's is the request's own)."""
+    return f"{request_id}#choice{index}"
 
 
 def _longest(stops: Sequence[str]) -> int:

@@ -167,10 +167,16 @@ class EngineLoop:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             sub = self._subscribers.get(out.request_id)
-            if out.finished:
+            if out.request_finished:
                 self._subscribers.pop(out.request_id, None)
-            if sub is not None:
+            if sub is None:
+                continue
+            try:
                 sub(out)
+            except Exception:  # a caller that went away (its event loop closed): drop it, not the engine
+                logger.warning("dropping request %s: its caller no longer takes updates", out.request_id)
+                self._subscribers.pop(out.request_id, None)
+                self.engine.abort(out.request_id)
 
 
 def _step() -> None:
@@ -267,18 +273,22 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion (batched continuously); outputs in prompt order."""
+        """Run every prompt to completion (batched continuously); the finished outputs in prompt order,
+        and with `n` > 1 each prompt's `n` choices in index order."""
         params = params or SamplingParams()
-        done: dict[str, RequestOutput] = {}
+        done: dict[tuple[str, int], RequestOutput] = {}
+        remaining = len(prompts)
         all_done = threading.Event()
         lock = threading.Lock()
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
 
         def on_output(out: RequestOutput) -> None:
+            nonlocal remaining
             if out.finished:
                 with lock:
-                    done[out.request_id] = out
-                    if len(done) == len(ids):
+                    done[out.request_id, out.index] = out
+                    remaining -= out.request_finished
+                    if remaining == 0:
                         all_done.set()
 
         futures = self._loop.submit_all(
@@ -293,15 +303,17 @@ class LLM:
             raise
         if ids:
             all_done.wait()
-        failed = [done[rid] for rid in ids if done[rid].error]
+        outputs = [done[key] for rid in ids for key in sorted(k for k in done if k[0] == rid)]
+        failed = [o for o in outputs if o.error]
         if failed:
             raise _failure(failed[0])
-        return [done[rid] for rid in ids]
+        return outputs
 
     async def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield an update per step with new tokens/text; closing the iterator aborts the request."""
+        """Yield an update per step and choice with its new tokens/text (`index` says which choice);
+        closing the iterator aborts the request."""
         updates = await self.open_stream(prompt, params, request_id)
         try:
             async for out in updates:
@@ -332,7 +344,7 @@ class LLM:
                 out = await updates.get()
                 if out.error:
                     raise _failure(out)
-                finished = out.finished
+                finished = out.request_finished
                 yield out
         finally:
             if not finished:

@@ -55,7 +55,8 @@ class LLMServer:
             try:
                 yield Head(prompt_tokens=len(prompt), replica=self.replica)
                 async for out in updates:
-                    logprobs = out.logprobs[-len(out.new_token_ids) :] if out.logprobs and out.new_token_ids else []
+                    new = out.logprobs[-len(out.new_token_ids) :] if out.logprobs and out.new_token_ids else []
+                    logprobs = [e.logprob for e in new]
                     yield Update(text=out.new_text, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
                                  logprobs=logprobs)  # fmt: skip
             finally:

@@ -2,11 +2,20 @@
 
 Each step takes, oldest first, one token of every decoding sequence and chunks of prompts still
 being prefilled, under a per-step token budget; waiting requests join between steps as blocks
-allow. Every sequence lives on one attention shard (chosen at admission: the one with most free
-blocks) and uses that shard's blocks. When a shard runs out, the newest sequence on it is
-preempted: its blocks are freed and it is recomputed (prompt + tokens so far) when it is
-admitted again; it never corrupts or crashes another sequence. With a sliding window, blocks
-wholly outside the window of a sequence's next query are freed as it advances.
+allow. Every sequence lives on one attention shard and uses that shard's blocks. When a shard
+runs out, the newest sequence on it is preempted: its blocks are freed and it is recomputed
+(prompt + tokens so far) when it is admitted again; it never corrupts or crashes another
+sequence. With a sliding window, blocks wholly outside the window of a sequence's next query are
+freed as it advances.
+
+Prefix caching: a sequence's full blocks are keyed by their tokens and everything before them
+(`cluster.kv_cache.block_key`) as they fill. At admission a sequence takes the cached blocks of
+its longest cached prefix instead of recomputing them, on the shard that holds the most of it
+among those with room (otherwise the one with the most free blocks). It always computes at least
+its last token, so the step has logits to sample from and shared blocks are never written.
+
+Forks: the choices of an `n` > 1 request are one sequence until its prompt is computed, then
+`fork` gives each other choice the same blocks, with its own copy of a last, partly filled block.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
-from cluster.kv_cache import BlockAllocator, blocks_needed
+from cluster.kv_cache import BlockKey, BlockPool, block_key, blocks_needed
 from model.kv_cache import FREED
 
 logger = logging.getLogger(__name__)
@@ -42,6 +51,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     preemptions: int = 0
+    reuse: bool = True  # may take cached prefix blocks (not when every prompt position must be scored)
+    forked: bool = False  # a choice forked from another sequence: its sampling state lives on its shard
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache at its (first) admission
+    keys: list[BlockKey] = field(default_factory=list)  # keys of its full blocks so far, in order
+    registered: int = 0  # leading blocks offered to the cache
 
     @property
     def tokens(self) -> list[int]:
@@ -50,6 +64,11 @@ class Sequence:
     @property
     def num_blocks_held(self) -> int:
         return sum(1 for b in self.block_table if b != FREED)
+
+    @property
+    def pinned(self) -> bool:
+        """Its sampling state lives on its shard: it must come back there."""
+        return self.preemptions > 0 or self.forked
 
 
 @dataclass
@@ -80,6 +99,7 @@ class Scheduler:
         max_batched_tokens: int = 512,
         max_seqs: int = 256,
         window: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         if max_batched_tokens < 1 or max_seqs < 1 or block_size < 1:
             raise ValueError("max_batched_tokens, max_seqs and block_size must be positive")
@@ -87,7 +107,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.max_seqs = max_seqs
         self.window = window
-        self.allocators = [BlockAllocator(blocks_per_shard) for _ in range(num_shards)]
+        self.pools = [BlockPool(blocks_per_shard, prefix_caching) for _ in range(num_shards)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self._arrivals = itertools.count()
@@ -106,16 +126,16 @@ class Scheduler:
     def check_fits(self, request_id: str, total_tokens: int) -> None:
         """ValueError when a sequence of `total_tokens` could never hold its blocks on a shard."""
         need = self.max_blocks_per_sequence(total_tokens)
-        have = self.allocators[0].num_blocks
+        have = self.pools[0].num_blocks
         if need > have:
             raise ValueError(
                 f"request {request_id} needs up to {need} KV blocks of {self.block_size} tokens, "
                 f"but a shard has {have}; shorten the prompt or max_tokens, or give the cache more memory"
             )
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+    def add(self, request_id: str, prompt: list[int], max_tokens: int, reuse: bool = True) -> Sequence:
         self.check_fits(request_id, len(prompt) + max_tokens)
-        seq = Sequence(request_id, list(prompt), max_tokens, next(self._arrivals))
+        seq = Sequence(request_id, list(prompt), max_tokens, next(self._arrivals), reuse=reuse)
         self.waiting.append(seq)
         return seq
 
@@ -128,12 +148,41 @@ class Scheduler:
         self._free_all(seq)
         seq.status = Status.FINISHED
 
+    def fork(self, seq: Sequence, request_id: str) -> tuple[Sequence, tuple[int, int] | None]:
+        """A new choice of `seq`, whose prompt is computed: same prompt, sharing `seq`'s blocks (the
+        caller appends its first token, drawn from `seq`'s logits, as it does for `seq`'s own).
+        Returns it and the (source, destination) block copy its shard must make before its next
+        step: its own copy of a partly filled last block, if there is one. With no block left for
+        that copy it waits, to be recomputed (from the cached prefix) like a preempted sequence."""
+        assert seq.num_computed == len(seq.prompt) and not seq.output, "forks are made as the prompt completes"
+        child = Sequence(request_id, list(seq.prompt), seq.max_tokens, next(self._arrivals), shard=seq.shard,
+                         reuse=seq.reuse, forked=True, keys=list(seq.keys))  # fmt: skip
+        pool = self.pools[seq.shard]
+        full = seq.num_computed // self.block_size
+        copy: tuple[int, int] | None = None
+        if seq.num_computed % self.block_size:  # the last block is partly filled: the child writes into it
+            block = pool.allocate()
+            if block is None:
+                child.status = Status.WAITING
+                self.waiting.appendleft(child)
+                return child, None
+            copy = (seq.block_table[full], block)
+        for b in seq.block_table[:full]:
+            if b != FREED:
+                pool.share(b)
+        child.block_table = seq.block_table[:full] + ([copy[1]] if copy else [])
+        child.num_computed = seq.num_computed
+        child.registered = min(seq.registered, full)
+        child.status = Status.RUNNING
+        self.running.append(child)
+        return child, copy
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def blocks_in_use(self) -> int:
-        return sum(a.num_used for a in self.allocators)
+        return sum(p.num_used for p in self.pools)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -161,33 +210,87 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            pinned = seq.preemptions > 0  # its sampling state lives on its shard: it returns there
-            if not pinned:
-                seq.shard = max(range(len(self.allocators)), key=lambda s: self.allocators[s].num_free)
-            n = min(len(seq.tokens), budget)
-            if not self._grow(seq, n):
-                self._free_all(seq)
-                seq.shard = seq.shard if pinned else -1
+            if not self._admit(seq, budget):
                 break  # no room now; retry after some sequence finishes
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(Chunk(seq, 0, n))
-            budget -= n
+            end = min(len(seq.tokens), seq.num_computed + budget)
+            chunks.append(Chunk(seq, seq.num_computed, end))
+            budget -= end - seq.num_computed
         return Schedule(chunks, preempted)
 
     def advance(self, chunks: Seq[Chunk]) -> None:
-        """Record that the step ran: the chunks' keys/values are now cached."""
+        """Record that the step ran: the chunks' keys/values are now cached, and blocks they filled
+        are offered to the prefix cache."""
         for c in chunks:
-            c.seq.num_computed = c.end
+            seq = c.seq
+            seq.num_computed = c.end
+            full = seq.num_computed // self.block_size
+            keys = self._keys(seq, full)
+            pool = self.pools[seq.shard]
+            for j in range(seq.registered, full):
+                if seq.block_table[j] != FREED:
+                    pool.register(seq.block_table[j], keys[j])
+            seq.registered = max(seq.registered, full)
 
     # ---- blocks ------------------------------------------------------------------------------
 
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Place a waiting sequence: its shard, the cached prefix it takes, blocks for its first chunk."""
+        if seq.pinned:  # its sampling state lives on its shard: it returns there
+            candidates = [(seq.shard, self._prefix_on(seq, seq.shard))]
+        else:
+            by_prefix = [(s, self._prefix_on(seq, s)) for s in range(len(self.pools))]
+            candidates = sorted(by_prefix, key=lambda sp: (-len(sp[1]), -self.pools[sp[0]].num_free))
+        for shard, prefix in candidates:  # the most cached prefix first, where its first chunk fits
+            seq.shard = shard
+            self._take_prefix(seq, prefix)
+            end = min(len(seq.tokens), seq.num_computed + budget)
+            if self._grow(seq, end):
+                return True
+            self._free_all(seq)
+        if not seq.pinned:
+            seq.shard = -1
+        return False
+
+    def _prefix_on(self, seq: Sequence, shard: int) -> list[int]:
+        """The cached blocks of `seq`'s longest cached prefix on `shard` (never its last token's block)."""
+        if not seq.reuse or not self.pools[shard].caching:
+            return []
+        reusable = (len(seq.tokens) - 1) // self.block_size  # leave the last token to compute
+        return self.pools[shard].cached_prefix(self._keys(seq, reusable))
+
+    def _take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        """Start `seq` from cached `blocks`; with a window, those wholly before it are not needed."""
+        pool = self.pools[seq.shard]
+        computed = len(blocks) * self.block_size
+        lowest_key = -1 if self.window is None else computed - self.window + 1
+        seq.block_table = []
+        for j, block in enumerate(blocks):
+            if (j + 1) * self.block_size <= lowest_key:
+                seq.block_table.append(FREED)
+            else:
+                pool.share(block)
+                seq.block_table.append(block)
+        seq.num_computed = computed
+        seq.registered = len(blocks)
+        if seq.preemptions == 0 and not seq.forked:
+            seq.cached_tokens = computed
+
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[BlockKey]:
+        """Keys of `seq`'s first `num_blocks` full blocks, computed once as its tokens are known."""
+        tokens, b = seq.tokens, self.block_size
+        while len(seq.keys) < num_blocks:
+            j = len(seq.keys)
+            seq.keys.append(block_key(seq.keys[-1] if seq.keys else None, tokens[j * b : (j + 1) * b]))
+        return seq.keys[:num_blocks]
+
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` blocks for its first `num_tokens` positions; False (holding what it had) if none left."""
-        alloc = self.allocators[seq.shard]
+        pool = self.pools[seq.shard]
         while len(seq.block_table) < blocks_needed(num_tokens, self.block_size):
-            block = alloc.allocate()
+            block = pool.allocate()
             if block is None:
                 return False
             seq.block_table.append(block)
@@ -197,22 +300,23 @@ class Scheduler:
         if self.window is None:
             return
         lowest_key = first_query - self.window + 1  # no query from here on sees a position below this
-        alloc = self.allocators[seq.shard]
+        pool = self.pools[seq.shard]
         for j, block in enumerate(seq.block_table):
             if (j + 1) * self.block_size > lowest_key:
                 break
             if block != FREED:
-                alloc.free(block)
+                pool.free(block)
                 seq.block_table[j] = FREED
 
     def _free_all(self, seq: Sequence) -> None:
         if seq.shard >= 0:
-            alloc = self.allocators[seq.shard]
+            pool = self.pools[seq.shard]
             for b in seq.block_table:
                 if b != FREED:
-                    alloc.free(b)
+                    pool.free(b)
         seq.block_table = []
         seq.num_computed = 0
+        seq.registered = 0
 
     def _newest_unscheduled(self, shard: int, scheduled: set[int], exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):

@@ -49,6 +49,15 @@ class KVCache:
     def block_size(self) -> int:
         return int(self.k.shape[2])
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, every layer."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.k.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.k.device)
+        self.k[:, dst] = self.k[:, src]  # [L, P, B, Hkv, D]
+        self.v[:, dst] = self.v[:, src]
+
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         """Bytes one block costs across all layers, keys and values."""

@@ -90,6 +90,8 @@ class EngineSection(Section):
     # its KV capacity (the excess waits in its queue); beyond it, new requests get 429.
     kv_overcommit: float = Field(default=4.0, gt=0)
     kernels: KernelChoice = "auto"  # see model/kernels: auto = the CPU loops on CPU float32, torch elsewhere
+    prefix_caching: bool = True  # full KV blocks keyed by their prefix, reused by later requests
+    max_n: int = Field(default=16, ge=1)  # choices a request may ask for
 
 
 class LLMConfig(Section):

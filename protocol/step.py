@@ -1,12 +1,17 @@
 """The step protocol: what the engine sends every worker each step, and what comes back.
 
-Shape legend: T = packed tokens of the shard's step, S = sequences, V = vocab.
+Shape legend: T = packed tokens of the shard's step, S = sequences, R = rows that need logits,
+V = vocab, K = alternatives reported per position.
 
 Every worker gets the same `StepPlan` (via the object store): one `ShardBatch` per attention
 shard, plain data and cheap to pickle; routers read the shards' sizes from it. `pack` turns a
 shard's batch into the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each
-finished chunk with the request's own generator. The single-process engine and the
-`AttentionShard` actor both use these, so they sample identically.
+chunk that ends its sequence with the request's own generator, and scores the prompt tokens of
+chunks that ask for it. The single-process engine and the `AttentionShard` actor both use these,
+so they sample identically.
+
+Logprobs are the fp32 log-softmax of the logits the sampler draws from, before temperature,
+top-k and top-p (what vLLM reports by default).
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ import torch
 
 from model.sampling import SamplingParams, make_generator, sample
 
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per position
+
+
+@dataclass
+class Draw:
+    """Another choice drawn from a chunk's last logits: a choice of an `n` > 1 request, forked here."""
+
+    request_id: str
+    seed: int | None
+
 
 @dataclass
 class SeqChunk:
@@ -25,13 +40,24 @@ class SeqChunk:
     start: int  # position of tokens[0]
     block_table: list[int]
     params: SamplingParams | None  # set when the chunk ends the sequence: sample a token
-    logprobs: bool = False
+    logprobs: int | None = None  # report each sampled token's logprob with this many alternatives
+    prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
+    next_token: int | None = None  # the prompt token after the chunk, scored from its last row
+    forks: list[Draw] = field(default_factory=list)  # more choices drawn from the same last logits
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of this chunk whose logits the step computes: every row when it scores the prompt."""
+        if self.prompt_logprobs is not None:
+            return len(self.tokens)
+        return 1 if self.params is not None else 0
 
 
 @dataclass
 class ShardBatch:
     chunks: list[SeqChunk] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # requests whose sampling state can be dropped
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks, copied first
 
     @property
     def num_tokens(self) -> int:
@@ -44,11 +70,21 @@ class StepPlan:
 
 
 @dataclass
-class Sampled:
-    request_id: str
+class TokenLogprobs:
     token: int
-    logprob: float | None
-    error: str | None = None  # this request's sampling failed (e.g. its logits are not finite); only it ends
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens with their logprobs, most likely first
+
+
+@dataclass
+class Sampled:
+    """One request's outcome of a step on its shard."""
+
+    request_id: str
+    token: int | None  # None: nothing drawn (a scored prompt chunk before the last)
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # the positions after each of the chunk's tokens
+    error: str | None = None  # this request failed here (e.g. its logits are not finite); only it ends
 
 
 @dataclass
@@ -57,49 +93,74 @@ class Packed:
     positions: torch.Tensor  # [T]
     seq_lens: list[int]
     block_tables: list[list[int]]
-    logit_rows: torch.Tensor  # [S'] last row of each chunk that samples
+    logit_rows: torch.Tensor  # [R] the rows whose logits the step computes
+    spans: list[tuple[int, int]]  # per chunk, its rows' range in those R logits
 
 
 def pack(batch: ShardBatch, device: torch.device | str) -> Packed:
     seq_lens = [len(c.tokens) for c in batch.chunks]
     tokens = [t for c in batch.chunks for t in c.tokens]
     positions = [c.start + i for c in batch.chunks for i in range(len(c.tokens))]
-    ends = torch.tensor(seq_lens, dtype=torch.long).cumsum(0) - 1
-    sampling = torch.tensor([c.params is not None for c in batch.chunks], dtype=torch.bool)
+    rows: list[int] = []
+    spans = []
+    end = 0
+    for c, n in zip(batch.chunks, seq_lens, strict=True):
+        end += n
+        first = len(rows)
+        rows.extend(range(end - c.logit_rows, end))  # the chunk's last rows
+        spans.append((first, len(rows)))
     return Packed(
         torch.tensor(tokens, dtype=torch.long, device=device),
         torch.tensor(positions, dtype=torch.long, device=device),
         seq_lens,
         [c.block_table for c in batch.chunks],
-        ends[sampling].to(device),
+        torch.tensor(rows, dtype=torch.long, device=device),
+        spans,
     )
 
 
 class Sampler:
-    """Per-request generators, created at a request's first sample and dropped when it finishes."""
+    """Per-request generators, created at a request's first draw and dropped when it finishes."""
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, batch: ShardBatch, logits: torch.Tensor) -> list[Sampled]:
-        """logits [S', V]: one row per sampling chunk, in batch order."""
+    def sample(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> list[Sampled]:
+        """logits [R, V], the rows `pack` asked for; `spans` says which belong to which chunk."""
         out = []
-        rows = iter(range(logits.shape[0]))
-        for c in batch.chunks:
-            if c.params is None:
+        for c, (lo, hi) in zip(batch.chunks, spans, strict=True):
+            if lo == hi:
                 continue
-            row = logits[next(rows)]  # [V]
-            try:
-                gen = self._generators.get(c.request_id)
-                if gen is None:
-                    gen = self._generators[c.request_id] = make_generator(c.params.seed, logits.device)
-                token = sample(row, c.params, gen)
-                logprob = float(torch.log_softmax(row.float(), dim=-1)[token]) if c.logprobs else None
-            except Exception as e:  # this request's numbers, not the step's: the others go on
-                out.append(Sampled(c.request_id, -1, None, error=f"sampling failed: {type(e).__name__}: {e}"))
-                continue
-            out.append(Sampled(c.request_id, token, logprob))
+            try:  # this request's numbers, not the step's: a failure here ends it alone
+                scored = self._score_prompt(c, logits[lo:hi]) if c.prompt_logprobs is not None else None
+                if c.params is None:
+                    out.append(Sampled(c.request_id, None, prompt_logprobs=scored))
+                    continue
+                row = logits[hi - 1]  # [V]
+                out.append(self._draw(c.request_id, c.params.seed, c, row, scored))
+                out += [self._draw(d.request_id, d.seed, c, row, None) for d in c.forks]
+            except Exception as e:
+                out.append(Sampled(c.request_id, None, error=f"sampling failed: {type(e).__name__}: {e}"))
         return out
+
+    def _draw(
+        self, request_id: str, seed: int | None, c: SeqChunk, row: torch.Tensor, scored: list[TokenLogprobs] | None
+    ) -> Sampled:
+        assert c.params is not None
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = self._generators[request_id] = make_generator(seed, row.device)
+        token = sample(row, c.params, gen)
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = token_logprobs(row[None], [token], c.logprobs)[0]
+        return Sampled(request_id, token, logprobs, scored)
+
+    def _score_prompt(self, c: SeqChunk, rows: torch.Tensor) -> list[TokenLogprobs]:
+        """rows [n, V]: row i scores the token after the chunk's i-th (the next chunk's first, last)."""
+        assert c.prompt_logprobs is not None
+        targets = c.tokens[1:] + ([c.next_token] if c.next_token is not None else [])
+        return token_logprobs(rows[: len(targets)], targets, c.prompt_logprobs)
 
     def drop(self, request_ids: list[str]) -> None:
         for r in request_ids:
@@ -107,3 +168,17 @@ class Sampler:
 
     def __len__(self) -> int:
         return len(self._generators)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
+    """Each row's logprob of its token and its k most likely tokens: logits [N, V], tokens [N]."""
+    if not tokens:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V] fp32
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()  # [N]
+    if k > 0:
+        top_values, top_ids = torch.topk(lp, k, dim=-1)  # [N, K]
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprobs(t, c, top) for t, c, top in zip(tokens, chosen, tops, strict=True)]

@@ -63,6 +63,21 @@ def test_seeded_sampling_equals_single_process(copy: LLM, single: LLM) -> None:
     assert ours == [o.token_ids for o in copy.generate(PROMPTS, SAMPLED)]  # and across runs
 
 
+def test_choices_and_cached_prefixes_equal_single_process(copy: LLM, single: LLM) -> None:
+    """n choices (forked on the shard, with its block copies) and prefix-cache hits, every layout."""
+    choices = SAMPLED.model_copy(update={"n": 3})
+    assert [o.token_ids for o in copy.generate(PROMPTS[:2], choices)] == [
+        o.token_ids for o in single.generate(PROMPTS[:2], choices)
+    ]
+    prefix = random_prompts(1, seed=77, low=24, high=24)[0]
+    shared = [prefix + p[1:] for p in PROMPTS[:3]]
+    first = copy.generate(shared[:1], GREEDY)[0]
+    rest = copy.generate(shared[1:], GREEDY)
+    assert all(o.cached_tokens >= 20 for o in rest)  # the prefix's blocks, on the shard that holds them
+    assert [o.token_ids for o in [first, *rest]] == [o.token_ids for o in single.generate(shared, GREEDY)]
+    assert copy.stats()["blocks_in_use"] == 0
+
+
 def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
     before_copy, before_single = copy.expert_token_counts(), single.expert_token_counts()
     copy.generate(PROMPTS[:2], GREEDY)

@@ -61,13 +61,19 @@ def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
 
 def test_logprobs_are_those_of_the_reference_model(llm: LLM, ckpt) -> None:
     prompt = random_prompts(1, seed=4, low=10, high=10)[0]
-    out = llm.generate([prompt], GREEDY.model_copy(update={"logprobs": True, "max_tokens": 5}))[0]
+    out = llm.generate([prompt], GREEDY.model_copy(update={"logprobs": 3, "max_tokens": 5}))[0]
     model = load_model(ckpt)
     full = torch.tensor(prompt + out.token_ids)
     with torch.no_grad():
         logits = model(full, torch.arange(len(full)), [len(full)])
-    expected = [torch.log_softmax(logits[len(prompt) - 1 + i], -1)[t].item() for i, t in enumerate(out.token_ids)]
-    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+    assert out.logprobs is not None and [e.token for e in out.logprobs] == out.token_ids
+    for i, entry in enumerate(out.logprobs):
+        lp = torch.log_softmax(logits[len(prompt) - 1 + i], -1)  # the row that predicted token i
+        assert entry.logprob == pytest.approx(lp[entry.token].item(), abs=1e-4)
+        top_values, top_ids = lp.topk(3)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+        assert entry.top[0][0] == entry.token  # greedy: the chosen token is the most likely
 
 
 def test_invalid_requests_are_refused(llm: LLM) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.scheduler import Scheduler, Status
 from model.kv_cache import FREED
 
@@ -28,8 +30,9 @@ def test_chunked_prefill_under_a_token_budget_shares_steps_with_decode() -> None
     assert run_step(s) == [("a", 6, 7), ("b", 20, 21)]
 
 
-def test_newest_sequence_is_preempted_and_recomputed() -> None:
-    s = Scheduler(num_shards=1, blocks_per_shard=4, block_size=2, max_batched_tokens=16)
+@pytest.mark.parametrize("caching", [False, True])
+def test_newest_sequence_is_preempted_and_recomputed(caching: bool) -> None:
+    s = Scheduler(num_shards=1, blocks_per_shard=4, block_size=2, max_batched_tokens=16, prefix_caching=caching)
     a = s.add("a", [1, 2, 3], max_tokens=4)  # needs up to 4 blocks over its life
     b = s.add("b", [4, 5], max_tokens=4)
     run_step(s)  # a: 2 blocks, b: 1 block
@@ -42,10 +45,11 @@ def test_newest_sequence_is_preempted_and_recomputed() -> None:
     a.output.append(9)
     while a.status is not Status.FINISHED:
         run_step(s)
-    # b comes back with its prompt and its sampled tokens recomputed in one chunk.
+    # b comes back with its prompt and its sampled tokens recomputed in one chunk; with the prefix
+    # cache, from its first block, which it had filled and which no one has needed since.
     n = len(b.tokens)
     assert n == 4  # 2 prompt + 2 sampled before preemption
-    assert run_step(s) == [("b", 0, n)]
+    assert run_step(s) == [("b", 2 if caching else 0, n)]
     while b.status is not Status.FINISHED:
         run_step(s)
     assert s.blocks_in_use() == 0

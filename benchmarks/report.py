@@ -40,6 +40,15 @@ def markdown(r: dict[str, Any]) -> str:
             f"\nGreedy outputs, {name}: {a['identical']}/{a['prompts']} prompts identical "
             f"(mean agreeing prefix {100 * a['mean_prefix_share']:.1f}%)."
         )
+    pc = r.get("prefix_cache")
+    if pc:
+        lines += [
+            "", f"## Prefix cache: time to first token with a {pc['prefix_tokens']}-token prefix", "",
+            f"| prefix | TTFT ms (median of {pc['rounds']}) |", "| --- | ---: |",
+            f"| not cached (first request of a prefix) | {pc['cold_ms']:.1f} |",
+            f"| cached ({pc['cached_tokens']} prompt tokens from the cache) | {pc['warm_ms']:.1f} |",
+            f"\nThe cached prefix answers {pc['speedup']:.1f}x sooner (single-process engine, one request at a time).",
+        ]  # fmt: skip
     lat = r.get("latency", [])
     if lat:
         lines += ["", "## Serving latency (HTTP, streamed)", "",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import breakdown, latency, report, roofline, throughput
+from benchmarks import breakdown, latency, prefix_cache, report, roofline, throughput
 from benchmarks.args import FULL, QUICK, bench_parser
 from benchmarks.workload import ensure_checkpoint, mixed_prompts
 from cluster.llm import LLM
@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decode_seconds": sum(r["wall"] for r in steps if r["decode"]),
             "prefill_steps": sum(not r["decode"] for r in steps), "decode_steps": sum(r["decode"] for r in steps),
         }  # fmt: skip
+        if "prefix" not in args.skip:
+            logger.info("time to first token: a %d-token prefix cached vs not", size["prefix_len"])
+            result["prefix_cache"] = prefix_cache.prefix_ttft(single, config.vocab_size, size["prefix_len"])
         if "roofline" not in args.skip:
             logger.info("roofline: batch-1 decode against the memory bandwidth")
             itemsize = torch.empty((), dtype=dtype).element_size()

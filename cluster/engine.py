@@ -34,6 +34,7 @@ from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, Sh
 logger = logging.getLogger(__name__)
 
 EOS_WITHOUT_TOKENIZER = 2  # the end-of-sequence id of every Mistral vocabulary
+DECODE_CONTEXT = 4  # prompt tokens a text decoder starts from (enough for a word's leading space)
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -223,7 +224,7 @@ class Engine:
         reuse = params.prompt_logprobs is None  # every prompt position must be computed to be scored
         seq = self.scheduler.add(request_id, list(prompt), params.max_tokens, reuse=reuse)
         forks = [Draw(cid, None if params.seed is None else params.seed + i) for i, cid in enumerate(choice_ids)]
-        first = _Choice(seq, 0, self._decoder())
+        first = _Choice(seq, 0, self._decoder(prompt))
         req = _Request(request_id, list(prompt), params, {0: first}, forks[1:], params.n)
         self.requests[request_id] = req
         self._choices[request_id] = (req, first)
@@ -370,7 +371,7 @@ class Engine:
         for i, draw in enumerate(req.pending, start=1):
             s = results[draw.request_id]
             seq, copy = self.scheduler.fork(first.seq, draw.request_id)
-            choice = _Choice(seq, i, self._decoder())
+            choice = _Choice(seq, i, self._decoder(req.prompt))
             req.choices[i] = choice
             self._choices[draw.request_id] = (req, choice)
             if copy is not None:
@@ -470,8 +471,10 @@ class Engine:
                 outs.append(out)
         return outs
 
-    def _decoder(self) -> IncrementalDecoder | None:
-        return self.tokenizer.decoder() if self.tokenizer is not None else None
+    def _decoder(self, prompt: Sequence[int]) -> IncrementalDecoder | None:
+        """A choice's text decoder, with the prompt's last tokens as context so the first generated
+        piece keeps its leading space ("The capital of France is" + " Paris")."""
+        return self.tokenizer.decoder(prompt[-DECODE_CONTEXT:]) if self.tokenizer is not None else None
 
     def shutdown(self) -> None:
         self.backend.shutdown()

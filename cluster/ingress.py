@@ -16,20 +16,22 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.metrics import Metrics
 from cluster.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from cluster.openai_responses import Choice, Reply, usage
 from cluster.proto import inference_pb2
 from cluster.serve_config import ServeConfig
-from cluster.serve_messages import Failure, GenerateCall, Head, Update
+from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
 
 logger = logging.getLogger(__name__)
 pb: Any = inference_pb2  # generated module: its message classes are made at import time
@@ -39,6 +41,16 @@ CHAT_DEFAULT_MAX_TOKENS = 256
 HEALTH_TIMEOUT_S = 5.0  # /health answers within this, well inside a load balancer's probe timeout
 
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class _Started:
+    """One prompt of a request, sent to a model copy: its stream, its head, where its choices go."""
+
+    gen: Any
+    head: Head
+    first_index: int  # its choices are first_index .. first_index + n - 1
 
 
 class Ingress:
@@ -56,6 +68,9 @@ class Ingress:
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
+        app.add_api_route("/tokenizer_info", self.tokenizer_info, methods=["GET"])
         return app
 
     async def guard(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -96,25 +111,55 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         return await self._openai(request, chat=True)
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's route: `{"prompt": ..., "add_special_tokens": true}` or `{"messages": [...]}` -> token ids."""
+        try:
+            data = await self._json_body(request)
+            self._check_model(data.get("model", self.model_name))
+            call = _validated(TokenizeCall, {k: v for k, v in data.items() if k != "model"})
+            answer = await self.llm.tokenize.remote(call)
+        except APIError as e:
+            return _error(e)
+        return _answer(answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's route: `{"tokens": [...]}` -> `{"prompt": text}`."""
+        try:
+            data = await self._json_body(request)
+            self._check_model(data.get("model", self.model_name))
+            tokens = _validated(_Tokens, {"tokens": data.get("tokens")}).tokens
+            answer = await self.llm.detokenize.remote(tokens)
+        except APIError as e:
+            return _error(e)
+        return _answer(answer)
+
+    async def tokenizer_info(self) -> Response:
+        return JSONResponse(await self.llm.tokenizer_info.remote())
+
     async def _openai(self, request: Request, chat: bool) -> Response:
         route = "chat" if chat else "completions"
         retry = self.serving.retry_after_s
         try:
             req = _parse(await self._json_body(request), chat)
-            gen, call, head = await self._start(req)
+            started, request_id = await self._start(req)
         except APIError as e:
             self.counters.requests.labels(route, str(e.status)).inc()
             return _error(e, retry)
         self.counters.requests.labels(route, "200").inc()
-        self.counters.prompt_tokens.inc(head.prompt_tokens)
-        meta = _Meta(call.id, self.model_name, head.replica, head.prompt_tokens, chat)
+        prompt_tokens = sum(s.head.prompt_tokens for s in started)
+        self.counters.prompt_tokens.inc(prompt_tokens)
+        wants_logprobs = req.logprobs is not None if isinstance(req, CompletionRequest) else req.logprobs
+        echo = isinstance(req, CompletionRequest) and req.echo
+        reply = Reply(request_id, self.model_name, started[0].head.replica, chat, wants_logprobs, echo)
         if req.stream:
-            return StreamingResponse(self._sse(gen, meta, req.include_usage), media_type="text/event-stream")
+            sse = self._sse(started, reply, prompt_tokens, req.include_usage)
+            return StreamingResponse(sse, media_type="text/event-stream")
         try:
-            text, tokens, reason, logprobs = await self._collect(gen)
+            choices, cached = await self._collect(started, req.n, echo)
         except APIError as e:
             return _error(e, retry)
-        return JSONResponse(meta.full(text, tokens, reason, logprobs))
+        completion = sum(len(c.token_ids) for c in choices)
+        return JSONResponse(reply.full(choices, usage(prompt_tokens, completion, cached)))
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         limit = self.serving.max_body_bytes
@@ -129,17 +174,26 @@ class Ingress:
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         return data
 
-    async def _start(self, req: OpenAIRequest) -> tuple[Any, GenerateCall, Head]:
-        """Send a validated request to a model copy: its stream, the call, and the copy's `Head`."""
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server has {self.model_name!r}",
+    def _check_model(self, model: Any) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server has {self.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        call = _call(req)
-        gen: Any = self.llm.options(stream=True).stream.remote(call)
-        head = await _head(gen)
-        if isinstance(head, Failure):
-            raise head.error()
-        return gen, call, head
+
+    async def _start(self, req: OpenAIRequest) -> tuple[list[_Started], str]:
+        """Send each prompt of a validated request to a model copy; their streams once every copy has
+        accepted its prompt (the first refusal is the request's, and the others are cancelled)."""
+        self._check_model(req.model)
+        request_id = uuid.uuid4().hex
+        gens: list[Any] = [self.llm.options(stream=True).stream.remote(call) for call in _calls(req, request_id)]
+        heads: list[Any] = await asyncio.gather(*(_head(g) for g in gens), return_exceptions=True)
+        refused = next((h for h in heads if not isinstance(h, Head)), None)
+        if refused is not None:
+            for g in gens:
+                g.cancel()
+            if isinstance(refused, Failure):
+                raise refused.error()
+            raise refused if isinstance(refused, APIError) else _unavailable(refused)
+        return [_Started(g, h, i * req.n) for i, (g, h) in enumerate(zip(gens, heads, strict=True))], request_id
 
     async def _updates(self, gen: Any) -> AsyncIterator[Update]:
         """Updates from the model copy, timed for the latency histograms; cancels it if abandoned."""
@@ -158,55 +212,107 @@ class Ingress:
         finally:
             gen.cancel()  # a no-op once finished; aborts the request when the client has gone
 
-    async def _collect(self, gen: Any) -> tuple[str, list[int], str | None, list[float]]:
-        text, tokens, logprobs, reason = "", [], [], None
-        async for u in self._updates(gen):
-            text += u.text
-            tokens += u.token_ids
-            logprobs += u.logprobs
-            reason = u.finish_reason or reason
-        return text, tokens, reason, logprobs
+    async def _merged(self, started: list[_Started]) -> AsyncIterator[tuple[_Started, Update]]:
+        """The updates of every prompt of a request, as they come."""
+        if len(started) == 1:  # the usual case: no tasks needed
+            async for u in self._updates(started[0].gen):
+                yield started[0], u
+            return
+        queue: asyncio.Queue[tuple[_Started, Update | APIError | None]] = asyncio.Queue()
 
-    async def _sse(self, gen: Any, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
-        completion = 0
-        if meta.chat:
-            yield _sse(meta.chunk(delta={"role": "assistant", "content": ""}))
+        async def pump(s: _Started) -> None:
+            try:
+                async for u in self._updates(s.gen):
+                    await queue.put((s, u))
+            except APIError as e:
+                await queue.put((s, e))
+            finally:
+                await queue.put((s, None))
+
+        tasks = [asyncio.create_task(pump(s)) for s in started]
         try:
-            async for u in self._updates(gen):
+            ended = 0
+            while ended < len(tasks):
+                s, item = await queue.get()
+                if item is None:
+                    ended += 1
+                elif isinstance(item, APIError):
+                    raise item
+                else:
+                    yield s, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _collect(self, started: list[_Started], n: int, echo: bool) -> tuple[list[Choice], int]:
+        """Every choice of every prompt, whole; and the prompt tokens served from the prefix cache."""
+        choices: dict[int, Choice] = {}
+        prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt (its first choice's index)
+        cached: dict[int, int] = {}
+        async for s, u in self._merged(started):
+            index = s.first_index + u.index
+            choices.setdefault(index, Choice(index, echo=s.head.prompt_text if echo else "")).add(u)
+            if u.prompt_logprobs is not None:
+                prompt_logprobs[s.first_index] = u.prompt_logprobs
+            cached[s.first_index] = u.cached_tokens
+        for c in choices.values():  # every choice of a prompt shows that prompt's logprobs
+            c.prompt_logprobs = prompt_logprobs.get(c.index - c.index % n, [])
+        return list(choices.values()), sum(cached.values())
+
+    async def _sse(
+        self, started: list[_Started], reply: Reply, prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[str]:
+        completion, cached = 0, {}
+        opened: set[int] = set()
+        prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt, for its choices' echo
+        try:
+            async for s, u in self._merged(started):
+                index = s.first_index + u.index
                 completion += len(u.token_ids)
-                if u.text or u.finish_reason:
-                    yield _sse(meta.chunk(text=u.text, reason=u.finish_reason))
+                cached[s.first_index] = u.cached_tokens
+                if u.prompt_logprobs is not None:
+                    prompt_logprobs[s.first_index] = u.prompt_logprobs
+                if index not in opened:  # a choice's first chunk: chat's role, a completion's echo
+                    opened.add(index)
+                    if reply.chat:
+                        yield _sse(reply.chunk(index, delta={"role": "assistant", "content": ""}))
+                    elif reply.echo:
+                        echo = prompt_logprobs.get(s.first_index, [])
+                        yield _sse(reply.chunk(index, text=s.head.prompt_text, prompt=echo))
+                if u.text or u.finish_reason or u.logprobs:
+                    yield _sse(reply.chunk(index, text=u.text, reason=u.finish_reason, logprobs=u.logprobs))
         except APIError as e:
             yield _sse(e.body())
             return
         if include_usage:
-            yield _sse(meta.usage_chunk(completion))
+            yield _sse(reply.usage_chunk(usage(prompt_tokens, completion, sum(cached.values()))))
         yield "data: [DONE]\n\n"
 
     # ---- gRPC (method names = RPC names of inference.proto) -----------------------------------
 
     async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
         try:
-            gen, head = await self._grpc_start(request, grpc_context)
-            text, tokens, reason, _ = await self._collect(gen)
+            started = await self._grpc_start(request, grpc_context)
+            (c,), _ = await self._collect(started, 1, echo=False)
         except APIError as e:
             _grpc_error(grpc_context, e)
             return pb.GenerateResponse()
         return pb.GenerateResponse(
-            text=text, token_ids=tokens, finish_reason=reason or "", model=self.model_name,
-            usage=_usage_pb(head.prompt_tokens, len(tokens)),
+            text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "", model=self.model_name,
+            usage=_usage_pb(started[0].head.prompt_tokens, len(c.token_ids)),
         )  # fmt: skip
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
         try:
-            gen, head = await self._grpc_start(request, grpc_context)
+            started = await self._grpc_start(request, grpc_context)
             completion = 0
-            async for u in self._updates(gen):
+            async for _, u in self._merged(started):
                 completion += len(u.token_ids)
                 last = bool(u.finish_reason)
                 yield pb.GenerateResponse(
                     text=u.text, token_ids=u.token_ids, finish_reason=u.finish_reason or "",
-                    model=self.model_name, usage=_usage_pb(head.prompt_tokens, completion) if last else None,
+                    model=self.model_name,
+                    usage=_usage_pb(started[0].head.prompt_tokens, completion) if last else None,
                 )  # fmt: skip
         except APIError as e:
             # A stream's status reaches the client only through an exception once the code is set.
@@ -228,7 +334,33 @@ class Ingress:
             return pb.HealthResponse(healthy=False, detail=str(e) or type(e).__name__)
         return pb.HealthResponse(healthy=True, detail="ok")
 
-    async def _grpc_start(self, request: Any, grpc_context: Any) -> tuple[Any, Head]:
+    async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            _grpc_authorize(grpc_context, self.serving.api_key)
+            self._check_model(request.model or self.model_name)
+            data: dict[str, Any] = {"add_special_tokens": not request.no_special_tokens}
+            if request.messages:
+                data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            else:
+                data["prompt"] = request.prompt
+            answer = _refused(await self.llm.tokenize.remote(_validated(TokenizeCall, data)))
+        except APIError as e:
+            _grpc_error(grpc_context, e)
+            return pb.TokenizeResponse()
+        return pb.TokenizeResponse(tokens=answer["tokens"], count=answer["count"],
+                                   max_model_len=answer["max_model_len"])  # fmt: skip
+
+    async def Detokenize(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            _grpc_authorize(grpc_context, self.serving.api_key)
+            self._check_model(request.model or self.model_name)
+            answer = _refused(await self.llm.detokenize.remote(list(request.tokens)))
+        except APIError as e:
+            _grpc_error(grpc_context, e)
+            return pb.DetokenizeResponse()
+        return pb.DetokenizeResponse(text=answer["prompt"])
+
+    async def _grpc_start(self, request: Any, grpc_context: Any) -> list[_Started]:
         _grpc_authorize(grpc_context, self.serving.api_key)
         data: dict[str, Any] = {"model": request.model or self.model_name}
         chat = len(request.messages) > 0
@@ -241,50 +373,8 @@ class Ingress:
                 data[name] = getattr(request, name)
         if request.stop:
             data["stop"] = list(request.stop)
-        gen, _, head = await self._start(_parse(data, chat))
-        return gen, head
-
-
-class _Meta:
-    """What every response of one request shares, and its OpenAI JSON shapes."""
-
-    def __init__(self, request_id: str, model: str, replica: str, prompt_tokens: int, chat: bool) -> None:
-        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
-        self.model, self.replica, self.prompt_tokens, self.chat = model, replica, prompt_tokens, chat
-        self.created = int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": self.replica}  # fmt: skip
-
-    def usage(self, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}  # fmt: skip
-
-    def full(self, text: str, tokens: list[int], reason: str | None, logprobs: list[float]) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-            body = self._base("chat.completion")
-        else:
-            choice = {"index": 0, "text": text}
-            body = self._base("text_completion")
-        choice["finish_reason"] = reason
-        choice["logprobs"] = {"token_logprobs": logprobs, "token_ids": tokens} if logprobs else None
-        return body | {"choices": [choice], "usage": self.usage(len(tokens))}
-
-    def chunk(self, text: str = "", reason: str | None = None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta if delta is not None else {"content": text}}
-            body = self._base("chat.completion.chunk")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-            body = self._base("text_completion")
-        choice["finish_reason"] = reason
-        return body | {"choices": [choice]}
-
-    def usage_chunk(self, completion: int) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._base(obj) | {"choices": [], "usage": self.usage(completion)}
+        started, _ = await self._start(_parse(data, chat))
+        return started
 
 
 async def _head(gen: Any) -> Head | Failure:
@@ -321,11 +411,41 @@ def _parse(data: dict[str, Any], chat: bool) -> OpenAIRequest:
         raise validation_error(e) from e
 
 
-def _call(req: OpenAIRequest) -> GenerateCall:
-    """The request as the model copy receives it."""
+def _calls(req: OpenAIRequest, request_id: str) -> list[GenerateCall]:
+    """The request as the model copies receive it: one call per prompt of a completions batch."""
     if isinstance(req, ChatCompletionRequest):
-        return GenerateCall(id=uuid.uuid4().hex, messages=req.messages, params=req.sampling(CHAT_DEFAULT_MAX_TOKENS))
-    return GenerateCall(id=uuid.uuid4().hex, prompt=req.prompt, params=req.sampling(COMPLETION_DEFAULT_MAX_TOKENS))
+        return [GenerateCall(id=request_id, messages=req.messages, params=req.sampling(CHAT_DEFAULT_MAX_TOKENS))]
+    params = req.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
+    prompts = req.prompts
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    return [GenerateCall(id=rid, prompt=p, params=params, echo=req.echo) for rid, p in zip(ids, prompts, strict=True)]
+
+
+class _Tokens(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    tokens: list[int]
+
+
+def _validated(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from e
+
+
+def _refused(answer: dict[str, Any]) -> dict[str, Any]:
+    """A model copy's answer to a tokenizer call, or its refusal raised as an APIError."""
+    if "error" in answer:
+        raise Failure.model_validate(answer["error"]).error()
+    return answer
+
+
+def _answer(answer: dict[str, Any]) -> Response:
+    try:
+        return JSONResponse(_refused(answer))
+    except APIError as e:
+        return _error(e)
 
 
 def _error(e: APIError, retry_after_s: int = 10) -> JSONResponse:

@@ -267,6 +267,22 @@ class LLM:
         except ChatFormatError as e:
             raise RequestError(str(e), "messages") from e
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of token ids; `RequestError` (param `tokens`) when the model has no tokenizer."""
+        return self._tokenizer_for("tokens").decode(token_ids)
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """How OpenAI shows one token: its text and UTF-8 bytes ("bytes:\\x.." for a lone byte that
+        is not text, "token_id:N" for a model without a tokenizer)."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}", []
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, list(raw)
+
     def _tokenizer_for(self, param: str) -> Tokenizer:
         if self.tokenizer is None:
             raise RequestError(Tokenizer.missing(self.checkpoint, self.model_config.vocab_size), param)

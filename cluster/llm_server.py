@@ -15,11 +15,12 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine import EngineError, RequestError, RequestFailed
+from cluster.engine import EngineError, RequestError, RequestFailed, RequestOutput
 from cluster.llm import LLM
 from cluster.openai_protocol import APIError
 from cluster.serve_config import ServeConfig
-from cluster.serve_messages import Failure, GenerateCall, Head, Update
+from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from protocol.step import TokenLogprobs
 
 
 class LLMServer:
@@ -36,7 +37,7 @@ class LLMServer:
             self.replica = "local"
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Head | Update | Failure]:
-        """First a `Head` (or a `Failure`), then an `Update` per engine step (or a `Failure`)."""
+        """First a `Head` (or a `Failure`), then an `Update` per engine step and choice (or a `Failure`)."""
         need = 0
         try:
             if call.messages is not None:
@@ -45,20 +46,20 @@ class LLMServer:
                 assert call.prompt is not None  # GenerateCall holds one or the other
                 prompt = self.llm.encode(call.prompt)
             self.llm.check_request(prompt, call.params)
-            need = len(prompt) + call.params.max_tokens
+            need = len(prompt) + call.params.n * call.params.max_tokens
             if self.demand + need > self.token_budget and self.demand > 0:
                 need = 0
                 raise APIError(429, "this model copy is at capacity (KV cache and queue); retry shortly",
                                code="overloaded")  # fmt: skip
             self.demand += need
+            echoed = "" if not call.echo else call.prompt if isinstance(call.prompt, str) else self.llm.decode(prompt)
             updates = await self.llm.open_stream(prompt, call.params, request_id=call.id)
             try:
-                yield Head(prompt_tokens=len(prompt), replica=self.replica)
+                yield Head(prompt_tokens=len(prompt), replica=self.replica, prompt_text=echoed)
+                scored = False
                 async for out in updates:
-                    new = out.logprobs[-len(out.new_token_ids) :] if out.logprobs and out.new_token_ids else []
-                    logprobs = [e.logprob for e in new]
-                    yield Update(text=out.new_text, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
-                                 logprobs=logprobs)  # fmt: skip
+                    yield self._update(out, prompt, report_prompt=not scored)
+                    scored = scored or out.prompt_logprobs is not None
             finally:
                 await updates.aclose()  # the client went away: abort the request, free its blocks
         except RequestError as e:
@@ -72,6 +73,59 @@ class LLMServer:
             yield Failure(status=503, message=str(e), code="engine_unavailable")
         finally:
             self.demand -= need
+
+    def _update(self, out: RequestOutput, prompt: list[int], report_prompt: bool) -> Update:
+        new = out.logprobs[len(out.token_ids) - len(out.new_token_ids) :] if out.logprobs else []
+        prompt_logprobs = None
+        if report_prompt and out.prompt_logprobs is not None:  # the first position has no logprob
+            prompt_logprobs = [self._logprob(t, e) for t, e in zip(prompt, out.prompt_logprobs, strict=True)]
+        return Update(
+            index=out.index, text=out.new_text, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
+            logprobs=[self._logprob(e.token, e) for e in new], prompt_logprobs=prompt_logprobs,
+            cached_tokens=out.cached_tokens,
+        )  # fmt: skip
+
+    def _logprob(self, token: int, entry: TokenLogprobs | None) -> Logprob:
+        text, raw = self.llm.token_text(token)
+        if entry is None:
+            return Logprob(token=text, bytes=raw, logprob=None)
+        top = [(*self.llm.token_text(t), lp) for t, lp in entry.top]
+        return Logprob(token=text, bytes=raw, logprob=entry.logprob, top=top)
+
+    def tokenize(self, call: TokenizeCall) -> dict[str, Any]:
+        """vLLM's /tokenize answer; `Failure` data (a dict with "error") for what cannot be tokenized."""
+        try:
+            if call.messages is not None:
+                tokens = self.llm.encode_chat([m.model_dump() for m in call.messages])
+            else:
+                assert call.prompt is not None
+                tokens = self.llm.encode(call.prompt)
+                tokens = tokens if call.add_special_tokens else tokens[1:]  # encode puts a bos first
+        except RequestError as e:
+            return {"error": Failure(status=400, message=e.message, param=e.param, code=e.code).model_dump()}
+        return {"count": len(tokens), "max_model_len": self.llm.engine.max_model_len, "tokens": tokens}
+
+    def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+        vocab = self.llm.model_config.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        try:
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
+            return {"prompt": self.llm.decode(tokens)}
+        except RequestError as e:
+            return {"error": Failure(status=400, message=e.message, param=e.param, code=e.code).model_dump()}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What a client needs to tokenize as this server does (vLLM's /tokenizer_info)."""
+        tok = self.llm.tokenizer
+        return {
+            "tokenizer_class": "sentencepiece" if tok is not None else None,
+            "bos_token": tok.sp.id_to_piece(tok.bos_id) if tok is not None else None,
+            "eos_token": tok.sp.id_to_piece(tok.eos_id) if tok is not None else None,
+            "pad_token": None,
+            "model_max_length": self.llm.engine.max_model_len,
+            "vocab_size": self.llm.model_config.vocab_size,
+        }
 
     def stats(self) -> dict[str, Any]:
         s = self.llm.stats()

@@ -9,12 +9,21 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.engine import SamplingParams
 from model.sampling import SEED_MAX, SEED_MIN
+from protocol.step import MAX_TOP_LOGPROBS
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z-]+\[.*\])$")
+
+
+class FieldError(ValueError):
+    """A rule across fields, raised by a model validator, that still names the field to blame."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Request(BaseModel):
@@ -22,17 +31,16 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only to echo a prompt (completions)
     max_completion_tokens: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # extension
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    n: int = Field(default=1, ge=1)  # choices per prompt; the server's engine.max_n caps it
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    logprobs: bool | int | None = None
     user: str | None = None
 
     @field_validator("temperature", "top_p", mode="before")
@@ -48,16 +56,18 @@ class _Request(BaseModel):
             raise ValueError("stop must be at most 4 non-empty strings")
         return v
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def _sampling(self, default_max_tokens: int, **extra: Any) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        max_tokens = self.max_completion_tokens or self.max_tokens
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             seed=self.seed,
             stop=stops,
-            logprobs=bool(self.logprobs),
+            n=self.n,
+            **extra,
         )
 
     @property
@@ -66,14 +76,38 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt, or a batch of them
+    echo: bool = False  # the prompt in front of the completion (and its logprobs, with logprobs)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per position
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, v: str | list[int]) -> str | list[int]:
-        if len(v) == 0:
-            raise ValueError("prompt must not be empty")
+    def _non_empty(cls, v: str | list[int] | list[str] | list[list[int]]) -> Any:
+        if len(v) == 0 or any(isinstance(p, str | list) and len(p) == 0 for p in v):
+            raise ValueError("prompt must not be empty (nor any prompt of a batch)")
         return v
+
+    @model_validator(mode="after")
+    def _echo_only_for_nothing(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens must be > 0 unless echo is set (scoring the prompt)")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: a string or a list of token ids is one prompt."""
+        v: Any = self.prompt
+        return [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        # Echo scores the prompt: with logprobs to report them, and with max_tokens 0 because then the
+        # prompt's scoring is the whole request (its logprobs are simply not reported without logprobs).
+        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0)
+        return self._sampling(
+            default_max_tokens,
+            logprobs=self.logprobs,
+            prompt_logprobs=(self.logprobs or 0) if scored else None,
+        )
 
 
 class ChatMessage(BaseModel):
@@ -85,6 +119,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -92,6 +128,17 @@ class ChatCompletionRequest(_Request):
         if not v:
             raise ValueError("messages must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _chat_settings(self) -> ChatCompletionRequest:
+        if self.max_tokens == 0:
+            raise FieldError("max_tokens", "max_tokens must be > 0")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return self._sampling(default_max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 class APIError(Exception):
@@ -127,6 +174,9 @@ class APIError(Exception):
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a pydantic error, as a 400 naming its field (dotted path)."""
     first = e.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):  # a rule across fields, naming its own
+        return APIError(400, str(cause), param=cause.field, code="invalid_value")
     # Union members appear in the path as type tags ("prompt.str", "stop.list[str]"): not fields.
     path = [str(p) for p in first["loc"] if not (isinstance(p, str) and _TYPE_TAG.match(p))]
     param = ".".join(path) or None

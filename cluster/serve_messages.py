@@ -22,6 +22,7 @@ class GenerateCall(_Message):
     prompt: str | list[int] | None = None  # completions: text or token ids
     messages: list[ChatMessage] | None = None  # chat
     params: SamplingParams
+    echo: bool = False  # the Head carries the prompt's text
 
     @model_validator(mode="after")
     def _one_source(self) -> GenerateCall:
@@ -37,13 +38,26 @@ class GenerateCall(_Message):
 class Head(_Message):
     prompt_tokens: int
     replica: str
+    prompt_text: str = ""  # with echo: the prompt as text (decoded, for a prompt of token ids)
+
+
+class Logprob(_Message):
+    """One position's token as OpenAI shows it, its logprob and the most likely alternatives."""
+
+    token: str  # its text; "bytes:\\xe2" for a byte that is not text on its own; "token_id:N" without a tokenizer
+    bytes: list[int]  # its UTF-8 bytes
+    logprob: float | None  # None: the prompt's first token (nothing predicts it)
+    top: list[tuple[str, list[int], float]] = []  # (token, bytes, logprob), most likely first
 
 
 class Update(_Message):
+    index: int  # which of the request's n choices
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[float]
+    logprobs: list[Logprob] = []  # the new tokens', when asked for
+    prompt_logprobs: list[Logprob] | None = None  # once, on the first update after the prompt is scored
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class Failure(_Message):
@@ -58,3 +72,15 @@ class Failure(_Message):
 
     def error(self) -> APIError:
         return APIError(self.status, self.message, self.param, self.code)
+
+
+class TokenizeCall(_Message):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # a bos in front of a text prompt (chat always has the format's own)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizeCall:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("tokenize takes either a prompt or chat messages")
+        return self

@@ -94,6 +94,18 @@ class Tokenizer:
         size = self.vocab_size
         return str(self.sp.decode([i for i in ids if 0 <= i < size]))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-fallback piece its byte, a control piece its name
+        ("</s>"), a text piece its text with SentencePiece's word mark as a space."""
+        if not 0 <= token_id < self.vocab_size:
+            return b""
+        piece = str(self.sp.id_to_piece(token_id))
+        if self.sp.is_byte(token_id):  # "<0xE2>"
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()
+
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Prompt tokens of an OpenAI-style conversation in the reference Mistral chat format."""
         if self._chat is None:
@@ -105,8 +117,13 @@ class Tokenizer:
             raise ChatFormatError(f"messages cannot be encoded in the Mistral chat format: {e}") from e
         return tokens
 
-    def decoder(self) -> IncrementalDecoder:
-        return IncrementalDecoder(self)
+    def decoder(self, context: Sequence[int] = ()) -> IncrementalDecoder:
+        return IncrementalDecoder(self, context)
+
+    def continuation(self, prompt: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `prompt` (with the leading space a decode of `ids` alone drops)."""
+        before = self.decode(prompt)
+        return self.decode([*prompt, *ids])[len(before) :]
 
 
 class IncrementalDecoder:
@@ -118,11 +135,13 @@ class IncrementalDecoder:
     back while it ends in an incomplete character.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        """`context`: the tokens before the stream (a prompt's last few), whose text is not emitted but
+        lets the stream's first piece keep its leading space, as it has after the prompt."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)
         self._prefix = 0  # window start
-        self._read = 0  # tokens whose text has been emitted
+        self._read = len(self.ids)  # tokens whose text has been emitted (or belongs to the context)
 
     def push(self, token_id: int) -> str:
         """Text newly completed by `token_id` (possibly empty)."""

@@ -32,7 +32,8 @@ def test_greedy_equals_reference_with_chunked_prefill(llm: LLM, ckpt) -> None:
     outs = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == reference_greedy(ckpt, prompts, 16)
     assert all(o.finish_reason == "length" and o.finished for o in outs)
-    assert [o.text for o in outs] == [llm.tokenizer.decode(o.token_ids) for o in outs]
+    texts = [llm.tokenizer.continuation(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
+    assert [o.text for o in outs] == texts
     assert llm.stats() == {"running": 0, "waiting": 0, "blocks_in_use": 0}
 
 
@@ -41,6 +42,9 @@ def test_text_prompts_are_tokenized_with_bos(llm: LLM, ckpt) -> None:
     assert out.prompt_token_ids == llm.tokenizer.encode("The capital of France is")
     assert out.prompt_token_ids[0] == 1
     assert out.token_ids == reference_greedy(ckpt, [out.prompt_token_ids], 16)[0]
+    # The completion reads on from the prompt: its first word keeps its leading space.
+    assert out.text == llm.tokenizer.continuation(out.prompt_token_ids, out.token_ids)
+    assert llm.tokenizer.decode(out.prompt_token_ids + out.token_ids) == "The capital of France is" + out.text
 
 
 def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
@@ -56,7 +60,7 @@ def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
     by_id = llm.generate([prompt], GREEDY.model_copy(update={"stop_token_ids": [token]}))[0]
     first = free.token_ids.index(token)
     assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: first + 1]
-    assert by_id.text == llm.tokenizer.decode(free.token_ids[:first])  # the stop token adds no text
+    assert by_id.text == llm.tokenizer.continuation(prompt, free.token_ids[:first])  # the stop token adds none
 
 
 def test_logprobs_are_those_of_the_reference_model(llm: LLM, ckpt) -> None:
@@ -91,9 +95,9 @@ def test_stream_deltas_concatenate_and_requests_join_mid_decode(llm: LLM, ckpt) 
     prompts = random_prompts(3, seed=6, low=5, high=30)
     results = staggered_streams(llm, prompts, GREEDY)
     reference = reference_greedy(ckpt, prompts, 16)
-    for (tokens, text, final_text), ref in zip(results, reference, strict=True):
+    for (tokens, text, final_text), ref, prompt in zip(results, reference, prompts, strict=True):
         assert tokens == ref
-        assert text == final_text == llm.tokenizer.decode(ref)
+        assert text == final_text == llm.tokenizer.continuation(prompt, ref)
 
 
 def test_closing_a_stream_aborts_and_frees_blocks(llm: LLM) -> None:

@@ -54,6 +54,16 @@ class InferenceStub:
                 request_serializer=cluster_dot_proto_dot_inference__pb2.HealthRequest.SerializeToString,
                 response_deserializer=cluster_dot_proto_dot_inference__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/mixtral_cluster.Inference/Tokenize',
+                request_serializer=cluster_dot_proto_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=cluster_dot_proto_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/mixtral_cluster.Inference/Detokenize',
+                request_serializer=cluster_dot_proto_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=cluster_dot_proto_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -85,6 +95,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Token ids of a text prompt or a chat conversation, as the server encodes them (vLLM's /tokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Text of token ids (vLLM's /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +131,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=cluster_dot_proto_dot_inference__pb2.HealthRequest.FromString,
                     response_serializer=cluster_dot_proto_dot_inference__pb2.HealthResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=cluster_dot_proto_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=cluster_dot_proto_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=cluster_dot_proto_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=cluster_dot_proto_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +251,60 @@ class Inference:
             '/mixtral_cluster.Inference/Health',
             cluster_dot_proto_dot_inference__pb2.HealthRequest.SerializeToString,
             cluster_dot_proto_dot_inference__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixtral_cluster.Inference/Tokenize',
+            cluster_dot_proto_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            cluster_dot_proto_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixtral_cluster.Inference/Detokenize',
+            cluster_dot_proto_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            cluster_dot_proto_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

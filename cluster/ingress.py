@@ -188,8 +188,9 @@ class Ingress:
         heads: list[Any] = await asyncio.gather(*(_head(g) for g in gens), return_exceptions=True)
         refused = next((h for h in heads if not isinstance(h, Head)), None)
         if refused is not None:
-            for g in gens:
-                g.cancel()
+            for g, h in zip(gens, heads, strict=True):
+                if isinstance(h, Head):  # accepted: abort it (a refused stream has nothing to cancel)
+                    g.cancel()
             if isinstance(refused, Failure):
                 raise refused.error()
             raise refused if isinstance(refused, APIError) else _unavailable(refused)

@@ -19,6 +19,7 @@ import pytest
 import ray
 
 from cluster.cli import plan_rows, serve_options
+from cluster.engine import RequestError, SamplingParams
 from cluster.ingress import Ingress
 from cluster.kv_cache import blocks_for_budget
 from cluster.llm import LLM
@@ -100,6 +101,8 @@ CHECKS: dict[str, Check] = {
     "step_timeout_s": (99.0, lambda r: r.llm.backend.step_timeout_s),
     "kv_overcommit": (2.0, lambda r: r.server.token_budget / r.llm.engine.kv_capacity_tokens),
     "kernels": ("torch", lambda r: _all_workers(r, "kernels").pop()),
+    "prefix_caching": (False, lambda r: {p.caching for p in r.llm.engine.scheduler.pools}.pop()),
+    "max_n": (5, lambda r: _largest_n(r.llm)),
     # serving
     "host": ("127.0.0.2", lambda r: serve_options(r.cfg)["http_options"].host),
     "http_port": (18123, lambda r: serve_options(r.cfg)["http_options"].port),
@@ -147,6 +150,15 @@ def _plan_refuses(cfg: ServeConfig, **cluster: Any) -> bool:
     gpu = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"device": "cuda", **cluster})})
     _, problems = plan_rows(gpu)
     return any("GB of weights" in p for p in problems)
+
+
+def _largest_n(llm: LLM) -> int:
+    """The most choices the engine takes: n = 5 passes its check, 6 is refused naming `n`."""
+    llm.check_request([1, 2], SamplingParams(n=5))
+    with pytest.raises(RequestError) as e:
+        llm.check_request([1, 2], SamplingParams(n=6))
+    assert e.value.param == "n"
+    return 5
 
 
 def _single_blocks(r: Running) -> int:

@@ -12,35 +12,66 @@ never send to routers, groups never to groups: those splits are zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from actors.data_plane import DataPlane
+from protocol.experts import split_tokens
 
 MAX_EXPERTS_IN_COLUMN = 256  # integers a bf16 column holds exactly
 
 
-def dispatch_order(experts: torch.Tensor, group_of: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, list[int]]:
-    """Pairs sorted by destination group: order [T*K] over token-major pairs, and rows per group [G]."""
-    dest = group_of[experts.flatten()]  # [T*K]
-    order = torch.argsort(dest, stable=True)  # [T*K]
-    counts = torch.bincount(dest, minlength=num_groups).tolist()
-    return order, counts
+def pair_destinations(
+    experts: torch.Tensor, holders: Sequence[Sequence[int]], num_groups: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The group each (token, expert) pair goes to: experts [T, K] -> dest [T*K], and pairs per group [G].
+
+    An expert held by several groups has its pairs split between them by load (`split_tokens`), in
+    token order: the first ones to its first holder, and so on. Per-expert counts are read to the
+    host once: the split sizes of the all-to-all follow from them anyway."""
+    flat = experts.flatten()  # [N] token-major
+    num_experts = len(holders)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the layer's one host read
+    shares, per_group = split_tokens(counts, holders, num_groups)
+    device = flat.device
+    if all(len(h) == 1 for h in holders):  # no replicas: one lookup
+        primary = torch.tensor([h[0] for h in holders], dtype=torch.long, device=device)  # [E]
+        return primary[flat], per_group
+    width = max(len(h) for h in holders)
+    group = torch.tensor([list(h) + [h[0]] * (width - len(h)) for h in holders], device=device)  # [E, R]
+    ends = torch.tensor([_cumulative(s) + [counts[e]] * (width - len(s)) for e, s in enumerate(shares)],
+                        device=device)  # [E, R] end of each holder's range of the expert's pairs  # fmt: skip
+    order = torch.argsort(flat, stable=True)  # [N] pairs by expert, token order within each
+    starts = torch.tensor(_cumulative(counts), device=device) - torch.tensor(counts, device=device)  # [E]
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(len(flat), device=device) - starts[flat[order]]  # [N] index among its expert's pairs
+    replica = (rank[:, None] >= ends[flat]).sum(dim=1)  # [N] which holder's range it falls in
+    return group[flat, replica], per_group
+
+
+def _cumulative(values: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
 
 
 def router_exchange(
     x: torch.Tensor,
     experts: torch.Tensor,
-    group_of: torch.Tensor,
+    holders: Sequence[Sequence[int]],
     num_routers: int,
     num_groups: int,
     plane: DataPlane,
-) -> torch.Tensor:
-    """Send each (token, expert) pair's row to its expert's group; the results [T*K, H], token-major."""
+) -> tuple[torch.Tensor, list[int]]:
+    """Send each (token, expert) pair's row to a group holding its expert; the results [T*K, H],
+    token-major, and the pairs each group got [G]."""
     t, k = experts.shape
     h = x.shape[1]
-    order, counts = dispatch_order(experts, group_of, num_groups)
+    dest, counts = pair_destinations(experts, holders, num_groups)  # [N], [G]
+    order = torch.argsort(dest, stable=True)  # [N] by destination group
     none = [0] * num_routers
     send_counts = torch.tensor(none + counts, dtype=torch.long, device=x.device)  # [P]
     plane.all_to_all_counts(torch.empty_like(send_counts), send_counts)
@@ -52,7 +83,7 @@ def router_exchange(
     plane.all_to_all(back, x.new_empty(0, h), none + counts, [0] * p)
     out = torch.empty_like(back)
     out[order] = back  # un-permute to token-major pairs
-    return out
+    return out, counts
 
 
 def group_exchange(

@@ -1,17 +1,31 @@
 """ExpertGroup: the SwiGLU weights of its experts for every layer, run on the rows routers send.
 
-Shape legend: N = rows received in a layer, H = hidden.
+Shape legend: N = rows received in a layer, H = hidden, I = expert intermediate size, L = layers,
+E = experts.
+
+The group has a fixed number of expert slots per layer (its weight memory); which expert sits in
+each slot may differ per layer and change while it serves (live re-placement): `stage` reads the
+weights of the experts it is to take from the checkpoint, in its own thread while steps go on,
+and `commit`, which the engine sends between two steps, switches to them.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import ray
 import torch
 
 from actors.dispatch import MAX_EXPERTS_IN_COLUMN, group_exchange
 from actors.worker import Worker
+from model.checkpoint import Checkpoint
 from model.moe import ExpertFFN
+from protocol.experts import Placement
 from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
+
+Moves = dict[int, dict[int, int]]  # layer -> slot -> the expert to hold there
+WEIGHTS = ("w1", "w2", "w3")
 
 
 class ExpertGroup(Worker):
@@ -22,9 +36,50 @@ class ExpertGroup(Worker):
         super().__init__(spec, setup)
         self.num_routers = setup.config.cluster.routers
         self.num_groups = setup.config.cluster.expert_groups
-        local = torch.full((config.num_experts,), -1, dtype=torch.long, device=self.device)
-        local[list(spec.experts)] = torch.arange(len(spec.experts), device=self.device)
-        self.local_of = local  # [E] global expert id -> slot here (-1: not ours)
+        self.slots = [list(spec.experts) for _ in range(config.num_layers)]  # [L][slot] -> expert
+        self._staged: dict[tuple[int, int], tuple[int, dict[str, torch.Tensor]]] = {}
+        self.local_of = self._local_table()
+        moves = moves_to(self.slots, setup.placement, spec.index)
+        if moves:  # a replacement for a worker of a copy whose experts were re-placed since it started
+            self._read(moves)
+            self.commit()
+
+    def _local_table(self) -> torch.Tensor:
+        """[L, E] global expert id -> its slot here, per layer (-1: not held)."""
+        table = torch.full((self.config.num_layers, self.config.num_experts), -1, dtype=torch.long)
+        for layer, experts in enumerate(self.slots):
+            table[layer, experts] = torch.arange(len(experts))
+        return table.to(self.device)
+
+    @ray.method(concurrency_group="load")  # beside the steps: their calls are not held up
+    def stage(self, moves: Moves) -> int:
+        """Read the weights of the experts to take (layer -> slot -> expert) from the checkpoint and
+        keep them aside until `commit`. Returns the experts staged."""
+        return self._read(moves)
+
+    def _read(self, moves: Moves) -> int:
+        names = {(layer, slot, w): f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
+                 for layer, by_slot in moves.items() for slot, e in by_slot.items() for w in WEIGHTS}  # fmt: skip
+        ckpt = Checkpoint(self.setup.config.model.checkpoint)
+        read = dict(ckpt.read(sorted(set(names.values())), device=self.device, dtype=self.dtype))
+        self._staged = {
+            (layer, slot): (e, {w: read[names[layer, slot, w]] for w in WEIGHTS})
+            for layer, by_slot in moves.items()
+            for slot, e in by_slot.items()
+        }
+        return len(self._staged)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Hold the staged experts from the next step on (the engine calls it between steps)."""
+        ffns = self.model.expert_ffns()
+        for (layer, slot), (expert, weights) in self._staged.items():
+            for w in WEIGHTS:
+                getattr(ffns[layer], w)[slot].copy_(weights[w])
+            ffns[layer].expert_ids[slot] = expert
+            self.slots[layer][slot] = expert
+        self.local_of = self._local_table()
+        self._staged = {}
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> int:
@@ -33,11 +88,11 @@ class ExpertGroup(Worker):
         clock.begin_step()
         total = 0
         misrouted = torch.zeros((), dtype=torch.bool, device=self.device)  # read once, after the layers
-        for ffn in self.model.expert_ffns():
+        for layer, ffn in enumerate(self.model.expert_ffns()):
 
-            def compute(x: torch.Tensor, expert_ids: torch.Tensor, ffn: ExpertFFN = ffn) -> torch.Tensor:
+            def compute(x: torch.Tensor, expert_ids: torch.Tensor, layer: int = layer, ffn: ExpertFFN = ffn) -> Any:
                 with clock("expert_ffn"):
-                    local = self.local_of[expert_ids]  # [N]
+                    local = self.local_of[layer, expert_ids]  # [N]
                     misrouted.logical_or_(local.lt(0).any())
                     return ffn(x, local.clamp(min=0))
 
@@ -50,3 +105,16 @@ class ExpertGroup(Worker):
             raise RuntimeError(f"{self.spec.name} received rows for an expert it does not hold")
         clock.end_step()
         return total
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"slots": self.slots}
+
+
+def moves_to(slots: list[list[int]], placement: Placement, group: int) -> Moves:
+    """The slots of `group` whose expert differs in `placement` from `slots`: layer -> slot -> expert."""
+    moves: Moves = {}
+    for layer, (held, wanted) in enumerate(zip(slots, (groups[group] for groups in placement), strict=True)):
+        changed = {slot: e for slot, (h, e) in enumerate(zip(held, wanted, strict=True)) if h != e}
+        if changed:
+            moves[layer] = changed
+    return moves

@@ -10,12 +10,14 @@ expert groups as its experts, so its arithmetic is the single-process model's.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from actors.dispatch import router_exchange
 from actors.worker import Worker
+from protocol.experts import Placement, holders
 from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
 
@@ -24,22 +26,28 @@ class Router(Worker):
     def __init__(self, spec: WorkerSpec, setup: WorkerSetup) -> None:
         super().__init__(spec, setup)
         cluster = setup.config.cluster
-        self.group_of = torch.tensor(setup.group_of_expert, dtype=torch.long, device=self.device)  # [E]
         self.num_routers = cluster.routers
         self.num_groups = cluster.expert_groups
+        self.commit_placement(setup.placement)
         self.total_counts = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long)  # [L, E]
+
+    def commit_placement(self, placement: Placement) -> None:
+        """Route by a new placement from the next step on (the engine calls it between steps)."""
+        self.holders = [holders(groups, self.config.num_experts) for groups in placement]  # [L][E] -> groups
 
     def expert_counts(self) -> torch.Tensor:
         """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
         return self.total_counts.clone()
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> torch.Tensor:
-        """Run every layer's routing for this step; returns tokens per expert [L, E]."""
+    def step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every layer's routing for this step; returns tokens per expert [L, E] and the
+        (token, expert) pairs it sent each expert group [L, G]."""
         cfg, clock = self.config, self.clock
         clock.begin_step()
         sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)  # [L, E]
+        self.group_tokens = torch.zeros(cfg.num_layers, self.num_groups, dtype=torch.long)  # [L, G]
         for i, layer in enumerate(self.model.decoder_layers()):
             with clock("shard_recv"):  # from every shard with rows, at once
                 x = torch.empty(sum(sizes), cfg.hidden_size, dtype=self.dtype, device=self.device)  # [T, H]
@@ -48,7 +56,7 @@ class Router(Worker):
                     recvs=[(r, p) for r, p in zip(self.spec.shards, parts, strict=True) if len(p)]
                 )
             with clock("gating"):  # gate, top-k and combine; the exchange inside is charged to itself
-                out = layer.block_sparse_moe(x, counts[i], self.exchange)  # [T, H]
+                out = layer.block_sparse_moe(x, counts[i], functools.partial(self.exchange, i))  # [T, H]
             with clock("shard_send"):
                 parts = torch.split(out, sizes)
                 self.data_plane.send_recv(
@@ -57,12 +65,16 @@ class Router(Worker):
         step_counts = counts.cpu()  # read once per step
         self.total_counts += step_counts
         clock.end_step()
-        return step_counts
+        return step_counts, self.group_tokens
 
-    def exchange(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The experts of a layer, reached over the data plane: x [T, H], ids [T, K] -> [T*K, H]."""
+    def exchange(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A layer's experts, reached over the data plane: x [T, H], ids [T, K] -> [T*K, H]."""
         with self.clock("exchange"):  # includes the expert groups' compute
-            return router_exchange(x, ids, self.group_of, self.num_routers, self.num_groups, self.data_plane)
+            y, per_group = router_exchange(
+                x, ids, self.holders[layer], self.num_routers, self.num_groups, self.data_plane
+            )
+        self.group_tokens[layer] += torch.tensor(per_group)
+        return y
 
     def settings(self) -> dict[str, Any]:
-        return super().settings() | {"group_of_expert": self.group_of.tolist(), "shards": list(self.spec.shards)}
+        return super().settings() | {"holders": self.holders, "shards": list(self.spec.shards)}

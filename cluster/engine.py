@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field
 
+from cluster.placement import layer_imbalance
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
 from model.config import ModelConfig
@@ -95,11 +96,34 @@ class RequestOutput:
 Report = Literal["where", "loaded", "settings", "step_times"]
 
 
+class RebalanceUnavailable(ValueError):
+    """Re-placing experts needs expert groups: a single-process copy has one set of all of them."""
+
+
+@dataclass
+class Executed:
+    """What one step on a backend gave."""
+
+    sampled: list[list[Sampled]]  # per attention shard
+    expert_counts: torch.Tensor  # [L, E] tokens routed to each expert
+    group_tokens: torch.Tensor  # [L, G] (token, expert) pairs each expert group computed
+
+
 class Backend(Protocol):
     num_shards: int
+    num_groups: int  # expert groups (1 in one process)
 
-    def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
-        """Run one step; per shard the sampled tokens, and the step's tokens per expert [L, E]."""
+    def execute(self, batches: list[ShardBatch]) -> Executed:
+        """Run one step: per shard the sampled tokens, and where its tokens went."""
+        ...
+
+    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
+        """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
+        `group_tokens` [L, G]) and start moving weights; the report of what it will do. Steps go on."""
+        ...
+
+    def finish_rebalance(self) -> dict[str, Any] | None:
+        """Between steps: switch to the new placement once its weights are in place (its report), else None."""
         ...
 
     def reports(self, report: Report) -> dict[str, Any]:
@@ -118,6 +142,7 @@ class LocalBackend:
     """The whole model in this process: one shard, one cache, no workers."""
 
     num_shards = 1
+    num_groups = 1
 
     def __init__(self, model: Mixtral, num_blocks: int, block_size: int) -> None:
         self.model = model
@@ -126,18 +151,26 @@ class LocalBackend:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
+    def execute(self, batches: list[ShardBatch]) -> Executed:
         (batch,) = batches
         self.sampler.drop(batch.finished)
         self.cache.copy_blocks(batch.copies)  # forked choices' own last blocks, before anything writes
         cfg, device = self.model.config, self.cache.k.device
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
-        if not batch.chunks:
-            return [[]], counts.cpu()
-        p = pack(batch, device)
-        cache = CacheBatch(self.cache, p.block_tables)
-        logits = self.model(p.tokens, p.positions, p.seq_lens, cache, logit_rows=p.logit_rows, expert_counts=counts)
-        return [self.sampler.sample(batch, logits, p.spans)], counts.cpu()  # the counters are read once per step
+        sampled: list[Sampled] = []
+        if batch.chunks:
+            p = pack(batch, device)
+            cache = CacheBatch(self.cache, p.block_tables)
+            logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)
+            sampled = self.sampler.sample(batch, logits, p.spans)
+        counts = counts.cpu()  # the counters are read once per step
+        return Executed([sampled], counts, counts.sum(dim=1, keepdim=True))  # one group: all the pairs
+
+    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
+        raise RebalanceUnavailable("re-placing experts needs expert groups; this copy runs in one process")
+
+    def finish_rebalance(self) -> dict[str, Any] | None:
+        return None
 
     def reports(self, report: Report) -> dict[str, Any]:
         return {}  # no workers: the engine's own step records are the profile
@@ -187,6 +220,7 @@ class Engine:
         tokenizer: Tokenizer | None,
         settings: EngineSection,
         blocks_per_shard: int,
+        rebalance_interval_s: float | None = None,
     ) -> None:
         self.backend = backend
         self.config = config
@@ -205,7 +239,15 @@ class Engine:
         )
         self.requests: dict[str, _Request] = {}
         self._choices: dict[str, tuple[_Request, _Choice]] = {}  # by sequence id
-        self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)
+        self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # since start
+        # Since the experts were last placed: what the next re-placement is computed from.
+        self.since_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # [L, E]
+        self.since_groups = torch.zeros(config.num_layers, backend.num_groups, dtype=torch.long)  # [L, G]
+        self.rebalance_interval_s = rebalance_interval_s
+        self.rebalancing = False
+        self.rebalances = 0  # re-placements done
+        self.last_rebalance: dict[str, Any] | None = None
+        self._placed_at = time.monotonic()
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
         self.steps = 0
@@ -276,6 +318,45 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    # ---- expert placement ------------------------------------------------------------------------
+
+    def begin_rebalance(self) -> None:
+        """Place the experts anew from the load since the last placement; weights move while steps go
+        on, and `maintain` switches to it between two steps."""
+        if not self.rebalancing:
+            self._pending = self.backend.begin_rebalance(self.since_counts.clone(), self.since_groups.clone())
+            self.rebalancing = True
+
+    def maintain(self) -> None:
+        """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
+        if self.rebalancing:
+            report = self.backend.finish_rebalance()
+            if report is not None:
+                self.rebalancing = False
+                self.rebalances += 1
+                self.last_rebalance = report
+                self.since_counts.zero_()
+                self.since_groups.zero_()
+                self._placed_at = time.monotonic()
+        elif self.rebalance_interval_s is not None and time.monotonic() - self._placed_at >= self.rebalance_interval_s:
+            if self.since_counts.sum() > 0:
+                self.begin_rebalance()
+            else:
+                self._placed_at = time.monotonic()  # nothing to learn from yet
+
+    @property
+    def needs_maintenance(self) -> bool:
+        """Whether `maintain` must run even while no request is in (a re-placement under way or due)."""
+        return self.rebalancing or self.rebalance_interval_s is not None
+
+    def load(self) -> dict[str, Any]:
+        """(token, expert) pairs per expert group since the last placement (summed over layers), and
+        the imbalance: per layer the heaviest group over the mean, averaged over layers."""
+        return {
+            "tokens_per_group": self.since_groups.sum(dim=0).tolist(),
+            "imbalance": layer_imbalance(self.since_groups.tolist()),
+        }
+
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -306,18 +387,20 @@ class Engine:
         for c in schedule.chunks:
             batches[c.seq.shard].chunks.append(self._chunk(c))
         executed = time.perf_counter()
-        sampled, counts = self.backend.execute(batches)
+        result = self.backend.execute(batches)
         returned = time.perf_counter()
-        self.expert_counts += counts
+        self.expert_counts += result.expert_counts
+        self.since_counts += result.expert_counts
+        self.since_groups += result.group_tokens
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
-        results = {s.request_id: s for shard_out in sampled for s in shard_out}
+        results = {s.request_id: s for shard_out in result.sampled for s in shard_out}
         outputs = []
         for c in schedule.chunks:
             entry = self._choices.get(c.seq.request_id)
-            result = results.get(c.seq.request_id)
-            if entry is not None and result is not None:
-                outputs += self._apply(*entry, c, result, results)
+            sampled = results.get(c.seq.request_id)
+            if entry is not None and sampled is not None:
+                outputs += self._apply(*entry, c, sampled, results)
         if self.profile:
             self.step_records.append({
                 "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included

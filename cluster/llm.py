@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from protocol.config import LLMConfig
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+MAINTENANCE_S = 0.05  # how often an idle engine loop tends to a re-placement under way
 OnOutput = Callable[[RequestOutput], None]
 
 
@@ -139,7 +141,11 @@ class EngineLoop:
             while True:
                 try:
                     # Wait for commands only when idle; with work queued, take what is there and step.
-                    cmd = self._commands.get(block=not self.engine.has_work)
+                    # Idle with a re-placement under way (or due), wake now and then to tend to it.
+                    if self.engine.has_work:
+                        cmd = self._commands.get(block=False)
+                    else:
+                        cmd = self._commands.get(timeout=MAINTENANCE_S if self.engine.needs_maintenance else None)
                 except queue.Empty:
                     cmd = _STEP
                 if cmd is None:
@@ -148,7 +154,8 @@ class EngineLoop:
                     cmd()
                     continue  # drain every queued command before the next step
                 try:
-                    outputs = self.engine.step()
+                    outputs = self.engine.step() if self.engine.has_work else []
+                    self.engine.maintain()  # between steps: the place to switch expert placements
                 except Exception as e:
                     logger.exception("engine step failed")
                     self.error = f"the engine failed and cannot serve any more: {e}"
@@ -236,7 +243,8 @@ class LLM:
                 return Engine(
                     LocalBackend(model, blocks, eng.block_size), self.model_config, self.tokenizer, eng, blocks
                 )
-            return Engine(backend, self.model_config, self.tokenizer, eng, blocks)
+            interval = config.cluster.rebalance_interval_s
+            return Engine(backend, self.model_config, self.tokenizer, eng, blocks, rebalance_interval_s=interval)
 
         try:
             self._loop = EngineLoop(make_engine)
@@ -378,15 +386,38 @@ class LLM:
         """Tokens routed to each expert so far, per layer: [L, E]."""
         return self._loop.call(lambda: self.engine.expert_counts.clone())
 
-    def stats(self) -> dict[str, int]:
-        """Running / waiting sequences and KV blocks in use, read between steps."""
+    def stats(self) -> dict[str, Any]:
+        """Running / waiting sequences, KV blocks in use, and since the experts were last placed the
+        (token, expert) pairs per expert group and their imbalance (`Engine.load`); read between steps."""
         return self._loop.call(
-            lambda: {
-                "running": self.engine.num_running(),
-                "waiting": self.engine.num_waiting(),
-                "blocks_in_use": self.engine.blocks_in_use(),
-            }
+            lambda: (
+                {
+                    "running": self.engine.num_running(),
+                    "waiting": self.engine.num_waiting(),
+                    "blocks_in_use": self.engine.blocks_in_use(),
+                }
+                | self.engine.load()
+            )
         )
+
+    def rebalance(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Place the experts anew from the load since the last placement, move the weights that must
+        move while requests go on, and switch between two steps. Returns the placement ([layer][group]
+        -> experts), the imbalance before (measured) and after (for the same load), and the expert
+        weights moved. `RebalanceUnavailable` for a single-process copy."""
+        done_before = self._loop.call(lambda: self.engine.rebalances)
+        self._loop.call(self.engine.begin_rebalance)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            report = self._loop.call(
+                lambda: self.engine.last_rebalance if self.engine.rebalances > done_before else None
+            )
+            if report is not None:
+                return report
+            if self.error:
+                raise EngineError(self.error)
+            time.sleep(MAINTENANCE_S)
+        raise TimeoutError(f"the re-placement did not finish within {timeout_s:.0f} s")
 
     def profile(self, on: bool = True) -> None:
         """Start (or stop) recording per-step timings: the engine's and, on Ray, each worker's phases."""

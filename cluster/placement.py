@@ -27,13 +27,14 @@ class Layout:
     attention_shards: int = 1
     routers: int = 1
     expert_groups: int = 1
+    redundant_experts: int = 0
 
     @classmethod
     def of(cls, cluster: ClusterSection) -> Layout:
         """The config's layout; one of each for a single-process copy."""
         if cluster.single_process:
             return cls()
-        return cls(cluster.attention_shards, cluster.routers, cluster.expert_groups)
+        return cls(cluster.attention_shards, cluster.routers, cluster.expert_groups, cluster.redundant_experts)
 
     @property
     def num_workers(self) -> int:
@@ -53,6 +54,92 @@ def expert_map(num_experts: int, num_groups: int) -> list[tuple[int, ...]]:
     return out
 
 
+# ---- expert placement: which experts each group holds, and how tokens split over replicas -----
+#
+# Load: tokens routed to each expert (per layer). Slots: how many experts a group holds (its weight
+# memory). With `redundant_experts` > 0 there are more slots than experts, and an expert may be
+# held by several groups (at most once per group): its tokens are split between those replicas.
+
+
+def slots_per_group(num_experts: int, num_groups: int, redundant: int) -> list[int]:
+    """Expert slots of each group: the experts as `expert_map` spreads them, plus the redundant
+    slots, one at a time to the groups with the fewest."""
+    if redundant < 0:
+        raise PlacementError(f"redundant_experts must be >= 0, got {redundant}")
+    if redundant > (num_groups - 1) * num_experts:
+        raise PlacementError(
+            f"redundant_experts {redundant} needs more groups: {num_groups} groups hold at most "
+            f"{(num_groups - 1) * num_experts} extra replicas of {num_experts} experts (one replica per group)"
+        )
+    slots = [len(ids) for ids in expert_map(num_experts, num_groups)]
+    for _ in range(redundant):
+        slots[min(range(num_groups), key=lambda g: (slots[g], g))] += 1
+    return slots
+
+
+def initial_placement(num_experts: int, num_groups: int, redundant: int) -> list[list[int]]:
+    """Experts per group before any load is known: `expert_map`'s contiguous ranges, then each free
+    slot, smallest groups first, to the expert the group lacks that has the fewest replicas."""
+    slots = slots_per_group(num_experts, num_groups, redundant)
+    groups = [list(ids) for ids in expert_map(num_experts, num_groups)]
+    replicas = [1] * num_experts
+    while any(len(groups[g]) < slots[g] for g in range(num_groups)):
+        g = min((g for g in range(num_groups) if len(groups[g]) < slots[g]), key=lambda g: (len(groups[g]), g))
+        e = min((e for e in range(num_experts) if e not in groups[g]), key=lambda e: (replicas[e], e))
+        groups[g].append(e)
+        replicas[e] += 1
+    return groups
+
+
+def place_experts(
+    load: Sequence[float], slots: Sequence[int], previous: Sequence[Sequence[int]] | None = None
+) -> list[list[int]]:
+    """Experts per group for one layer, from the tokens each expert got: the heaviest group as light
+    as the greedy of expert-parallel load balancers (EPLB) makes it. The extra slots go one by one
+    to the expert with the most tokens per replica; replicas are then placed, those of experts with
+    the most replicas first, heaviest first, each in the least loaded group with a free slot that
+    does not hold it yet. With `previous`, experts a group keeps stay in their slots (fewer weights
+    to move). Every slot is filled."""
+    num_experts, num_groups = len(load), len(slots)
+    if sum(slots) < num_experts or max(slots) > num_experts:
+        raise PlacementError(f"{sum(slots)} slots in groups of at most {max(slots)} cannot hold {num_experts} experts")
+    replicas = [1] * num_experts
+    for _ in range(sum(slots) - num_experts):
+        e = max((e for e in range(num_experts) if replicas[e] < num_groups),
+                key=lambda e: (load[e] / replicas[e], -e))  # fmt: skip
+        replicas[e] += 1
+    members: list[list[int]] = [[] for _ in range(num_groups)]
+    group_load = [0.0] * num_groups
+    for e in sorted(range(num_experts), key=lambda e: (-replicas[e], -load[e] / replicas[e], e)):
+        for _ in range(replicas[e]):
+            free = [g for g in range(num_groups) if len(members[g]) < slots[g] and e not in members[g]]
+            if not free:  # no group left for another replica: the slot goes to the fill below
+                break
+            g = min(free, key=lambda g: (group_load[g], g))
+            members[g].append(e)
+            group_load[g] += load[e] / replicas[e]
+    for g in range(num_groups):  # slots a replica could not take: the heaviest expert this group lacks
+        while len(members[g]) < slots[g]:
+            e = max((e for e in range(num_experts) if e not in members[g]), key=lambda e: (load[e], -e))
+            members[g].append(e)
+    if previous is not None:
+        members = [_keep_slots(old, new) for old, new in zip(previous, members, strict=True)]
+    return members
+
+
+def _keep_slots(old: Sequence[int], new: list[int]) -> list[int]:
+    """`new`'s experts in slot order, those also in `old` in their old slots."""
+    kept = [e if e in new else None for e in old]
+    arriving = iter(e for e in new if e not in old)
+    return [e if e is not None else next(arriving) for e in kept]
+
+
+def imbalance(group_tokens: Sequence[float]) -> float:
+    """The heaviest group's tokens over the mean over groups (1.0: even; G: one group has all)."""
+    mean = sum(group_tokens) / len(group_tokens)
+    return max(group_tokens) / mean if mean > 0 else 1.0
+
+
 def shard_routers(num_shards: int, num_routers: int) -> list[int]:
     """Router index of each attention shard: shard a -> router a % R."""
     if not 1 <= num_routers <= num_shards:
@@ -67,7 +154,7 @@ def worker_specs(layout: Layout, num_experts: int) -> list[WorkerSpec]:
     if layout.attention_shards < 1:
         raise PlacementError(f"attention_shards must be >= 1, got {layout.attention_shards}")
     routers = shard_routers(layout.attention_shards, layout.routers)
-    groups = expert_map(num_experts, layout.expert_groups)
+    groups = initial_placement(num_experts, layout.expert_groups, layout.redundant_experts)
     specs = [
         WorkerSpec("attention", a, a, router=routers[a], parts=ROLE_PARTS["attention"])
         for a in range(layout.attention_shards)
@@ -84,20 +171,26 @@ def worker_specs(layout: Layout, num_experts: int) -> list[WorkerSpec]:
     ]
     base = layout.attention_shards + layout.routers
     specs += [
-        WorkerSpec("experts", g, base + g, experts=ids, parts=ROLE_PARTS["experts"]) for g, ids in enumerate(groups)
+        WorkerSpec("experts", g, base + g, experts=tuple(ids), parts=ROLE_PARTS["experts"])
+        for g, ids in enumerate(groups)
     ]
     return specs
 
 
 def worker_setup(config: LLMConfig, model: ModelConfig, num_blocks: int) -> WorkerSetup:
-    """What every worker of a copy is built from: the config and the tables its layout implies."""
+    """What every worker of a copy is built from: the config and the tables its layout implies
+    (the initial expert placement, the same in every layer)."""
     specs = worker_specs(Layout.of(config.cluster), model.num_experts)
-    group_of = [0] * model.num_experts
-    for spec in specs:
-        for e in spec.experts:
-            group_of[e] = spec.index
     routers = tuple(s.rank for s in specs if s.role == "router")
-    return WorkerSetup(config, model, num_blocks, routers, tuple(group_of))
+    groups = tuple(s.experts for s in specs if s.role == "experts")
+    return WorkerSetup(config, model, num_blocks, routers, tuple(groups for _ in range(model.num_layers)))
+
+
+def layer_imbalance(group_tokens: Sequence[Sequence[float]]) -> float:
+    """The mean over layers (those with tokens) of each layer's `imbalance`: each layer waits for
+    its heaviest group, so that is what a step pays."""
+    rows = [imbalance(row) for row in group_tokens if sum(row) > 0]
+    return sum(rows) / len(rows) if rows else 1.0
 
 
 def param_bytes(config: ModelConfig, spec: WorkerSpec, dtype_bytes: int) -> int:

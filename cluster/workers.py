@@ -22,7 +22,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import AttentionShard, ExpertGroup, Router
-from cluster.engine import EngineError, Report
+from actors.expert_group import moves_to
+from cluster.engine import EngineError, Executed, Report
 from cluster.placement import (
     Layout,
     PlacementError,
@@ -30,13 +31,25 @@ from cluster.placement import (
     check_memory,
     check_resources,
     check_transport,
+    layer_imbalance,
+    place_experts,
+    slots_per_group,
     worker_resources,
     worker_specs,
 )
-from protocol.step import Sampled, ShardBatch, StepPlan
+from protocol.experts import Placement, holders, split_tokens
+from protocol.step import ShardBatch, StepPlan
 from protocol.worker import Role, WorkerSetup
 
 ACTOR_CLASSES: dict[Role, type] = {"attention": AttentionShard, "router": Router, "experts": ExpertGroup}
+
+
+def _remote(role: Role) -> Any:
+    """The actor class of a role; expert groups read new weights in a thread of their own ("load")."""
+    if role == "experts":
+        return ray.remote(concurrency_groups={"load": 1})(ExpertGroup)  # type: ignore[call-overload]
+    return ray.remote(ACTOR_CLASSES[role])
+
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +87,10 @@ class RayBackend:
         self.num_shards = self.layout.attention_shards
         self.step_timeout_s = cfg.engine.step_timeout_s
         self.specs = worker_specs(self.layout, setup.model.num_experts)
+        self.num_groups = self.layout.expert_groups
+        self.slots = slots_per_group(setup.model.num_experts, self.num_groups, self.layout.redundant_experts)
+        self.placement: Placement = setup.placement
+        self._staging: tuple[Placement, list[Any], dict[str, Any]] | None = None
         wanted = bundles(self.specs, worker_resources(cfg.cluster))
         check_transport(cfg.cluster)
         if cfg.cluster.device == "cuda":
@@ -132,7 +149,7 @@ class RayBackend:
             extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None
             if extra:
                 options["resources"] = extra
-            actors.append(ray.remote(ACTOR_CLASSES[spec.role]).options(**options).remote(spec, self.setup))
+            actors.append(_remote(spec.role).options(**options).remote(spec, self.setup))
         return actors
 
     def _form_data_plane(self, timeout_s: float) -> None:
@@ -141,12 +158,64 @@ class RayBackend:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def execute(self, batches: list[ShardBatch]) -> tuple[list[list[Sampled]], torch.Tensor]:
+    def execute(self, batches: list[ShardBatch]) -> Executed:
         plan = ray.put(StepPlan(batches))
         results = self._get([a.step.remote(plan) for a in self.actors], self.step_timeout_s, "step")
         a, r = self.layout.attention_shards, self.layout.routers
-        counts = torch.stack(results[a : a + r]).sum(0)
-        return results[:a], counts
+        routed = results[a : a + r]  # each router's (tokens per expert [L, E], pairs per group [L, G])
+        counts = torch.stack([c for c, _ in routed]).sum(0)
+        groups = torch.stack([g for _, g in routed]).sum(0)
+        return Executed(results[:a], counts, groups)
+
+    # ---- expert placement --------------------------------------------------------------------
+
+    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
+        """Place every layer's experts for the load `expert_counts` [L, E]; the groups start reading the
+        weights of experts new to them from the checkpoint, beside their steps. `finish_rebalance`
+        switches to it between steps. The report: the placement, the imbalance of `group_tokens`
+        (what the load cost with the placement it had) and the imbalance it will have for that load."""
+        if self._staging is not None:
+            raise RuntimeError("a re-placement is already under way")
+        num_experts = self.setup.model.num_experts
+        new: Placement = tuple(
+            tuple(tuple(g) for g in place_experts(load, self.slots, previous=old))
+            for load, old in zip(expert_counts.tolist(), self.placement, strict=True)
+        )
+        predicted = [split_tokens(load, holders(groups, num_experts), len(self.slots))[1]
+                     for load, groups in zip(expert_counts.tolist(), new, strict=True)]  # fmt: skip
+        refs, moved = [], 0
+        for spec, actor in zip(self.specs, self.actors, strict=True):
+            if spec.role == "experts":
+                moves = moves_to([list(groups[spec.index]) for groups in self.placement], new, spec.index)
+                moved += sum(len(by_slot) for by_slot in moves.values())
+                if moves:
+                    refs.append(actor.stage.remote(moves))
+        report = {
+            "imbalance_before": layer_imbalance(group_tokens.tolist()),
+            "imbalance_after": layer_imbalance(predicted),
+            "moved": moved,
+            "placement": [[list(g) for g in layer] for layer in new],
+        }
+        self._staging = (new, refs, report)
+        logger.info("re-placing experts: %d expert weights to move", moved)
+        return report
+
+    def finish_rebalance(self) -> dict[str, Any] | None:
+        if self._staging is None:
+            return None
+        new, refs, report = self._staging
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) < len(refs):
+            return None
+        self._staging = None
+        ray.get(refs)  # a group that could not read its new weights: the old placement stays
+        for spec, actor in zip(self.specs, self.actors, strict=True):  # queued before the next step
+            if spec.role == "router":
+                actor.commit_placement.remote(new)
+            elif spec.role == "experts":
+                actor.commit.remote()
+        self.placement = new
+        return report
 
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         """Results of one call per worker; the first failure or the timeout kills the copy and raises."""

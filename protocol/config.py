@@ -65,6 +65,10 @@ class ClusterSection(Section):
     # The data plane: nccl (one GPU per worker) or gloo (CPU; or CUDA workers sharing a GPU, through
     # host memory). Default: nccl on cuda, gloo on cpu.
     transport: Transport | None = None
+    # Extra expert slots over the groups: hot experts get replicas that share their tokens. Placement
+    # follows the routers' per-expert counts, at start (uniform) and at each re-placement.
+    redundant_experts: int = Field(default=0, ge=0)
+    rebalance_interval_s: float | None = Field(default=None, gt=0)  # re-place experts this often (None: on demand)
 
     @model_validator(mode="after")
     def _transport_fits_device(self) -> ClusterSection:

@@ -13,6 +13,7 @@ from typing import Literal
 from model.checkpoint import weight_names
 from model.config import ModelConfig, Part
 from protocol.config import LLMConfig
+from protocol.experts import Placement
 
 Role = Literal["attention", "router", "experts"]
 
@@ -50,7 +51,7 @@ class WorkerSetup:
     model: ModelConfig  # the checkpoint's shape
     num_blocks: int  # KV blocks per attention shard
     router_ranks: tuple[int, ...]  # global rank of each router
-    group_of_expert: tuple[int, ...]  # [E] expert id -> index of the expert group holding it
+    placement: Placement  # per layer, per expert group: the expert held in each of its slots
 
     @property
     def moe_ranks(self) -> list[int]:

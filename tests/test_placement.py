@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cluster.placement import (
     Layout,
@@ -13,13 +14,18 @@ from cluster.placement import (
     check_resources,
     check_transport,
     expert_map,
+    imbalance,
+    initial_placement,
     param_bytes,
+    place_experts,
     shard_routers,
+    slots_per_group,
     worker_resources,
     worker_specs,
 )
 from model import ModelConfig, weight_names
 from protocol.config import ClusterSection
+from protocol.experts import split_tokens
 
 
 def test_expert_map_uneven_split() -> None:
@@ -122,3 +128,58 @@ def test_workers_sharing_a_gpu_are_planned_onto_it() -> None:
     assert [(s.node, s.gpu) for s in slots] == [(0, 0)] * 4 + [(0, 1)]
     slots = assign_slots(4, gpus_per_node=1, strategy="PACK", gpu_share=0.2)
     assert {(s.node, s.gpu) for s in slots} == {(0, 0)}
+
+
+def test_redundant_slots_and_the_initial_placement() -> None:
+    assert slots_per_group(8, 4, 0) == [2, 2, 2, 2] and slots_per_group(8, 3, 2) == [4, 3, 3]
+    assert initial_placement(8, 3, 0) == [list(ids) for ids in expert_map(8, 3)]
+    groups = initial_placement(8, 4, 4)
+    assert [len(g) for g in groups] == [3, 3, 3, 3]
+    assert all(len(set(g)) == len(g) for g in groups)  # at most one replica of an expert per group
+    assert sorted(e for g in groups for e in g) == sorted([*range(8), 0, 1, 2, 3])
+    with pytest.raises(PlacementError, match="needs more groups"):
+        slots_per_group(8, 2, 9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_placement_balances_any_load_and_fills_every_slot(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    num_experts, groups = 8, int(torch.randint(2, 5, (1,), generator=g))
+    redundant = int(torch.randint(0, groups * 2, (1,), generator=g))
+    slots = slots_per_group(num_experts, groups, redundant)
+    load = (torch.rand(num_experts, generator=g) ** 4 * 1000).round().tolist()  # skewed
+    placed = place_experts(load, slots)
+    assert [len(p) for p in placed] == slots and all(len(set(p)) == len(p) for p in placed)
+    assert set(e for p in placed for e in p) == set(range(num_experts))  # every expert somewhere
+    holders = [[gr for gr in range(groups) if e in placed[gr]] for e in range(num_experts)]
+    shares, per_group = split_tokens([int(x) for x in load], holders, groups)
+    assert [sum(s) for s in shares] == [int(x) for x in load] and sum(per_group) == sum(int(x) for x in load)
+    before = initial_placement(num_experts, groups, redundant)
+    _, initial = split_tokens([int(x) for x in load], [[gr for gr in range(groups) if e in before[gr]]
+                                                        for e in range(num_experts)], groups)  # fmt: skip
+    assert max(per_group) <= max(initial)  # never worse than not looking at the load
+    again = place_experts(load, slots, previous=placed)
+    assert again == placed  # the same load: nothing moves
+
+
+def holders_of(groups: list[list[int]], num_experts: int) -> list[list[int]]:
+    return [[g for g, ids in enumerate(groups) if e in ids] for e in range(num_experts)]
+
+
+def test_two_hot_experts_spread_over_every_group() -> None:
+    load = [10, 10, 10, 10, 10, 10, 1000, 900]  # experts 6 and 7 share a group in the initial placement
+    initial = initial_placement(8, 4, 4)
+    _, before = split_tokens(load, holders_of(initial, 8), 4)
+    placed = place_experts(load, slots_per_group(8, 4, 4), previous=initial)
+    _, after = split_tokens(load, holders_of(placed, 8), 4)
+    assert imbalance(before) > 3 and imbalance(after) < 1.3
+    for old, new in zip(initial, placed, strict=True):  # an expert a group keeps stays in its slot
+        assert all(new[slot] == e for slot, e in enumerate(old) if e in new)
+
+
+def test_water_filling_splits_a_replicated_expert_from_the_lightest_group() -> None:
+    shares, per_group = split_tokens([10, 0, 7], [[0, 1, 2], [0], [1]], 3)
+    assert shares == [[5, 0, 5], [0], [7]] and per_group == [5, 7, 5]
+    shares, per_group = split_tokens([9, 1], [[0, 1], [1]], 2)
+    assert shares == [[5, 4], [1]] and per_group == [5, 5]
+    assert imbalance([5, 7, 5]) == pytest.approx(7 / (17 / 3)) and imbalance([0, 0]) == 1.0

@@ -123,7 +123,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     ensure_checkpoint(cfg)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    overrides = {"single_process": True} if args.single_process else {}
+    overrides: dict[str, Any] = {"single_process": True} if args.single_process else {}
+    if args.redundant_experts is not None:
+        overrides["redundant_experts"] = args.redundant_experts
     with LLM(cfg, ray_address=args.address, **overrides) as llm:
         prompt = llm.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         out = llm.generate([prompt], params)[0]
@@ -277,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--single-process", action="store_true", help="run the model in this process, without Ray")
+    g.add_argument("--redundant-experts", type=int, metavar="N",
+                   help="extra expert slots over the groups (default: cluster.redundant_experts)")  # fmt: skip
     g.add_argument("--address", help="Ray cluster to join; default: a local Ray")
     g.set_defaults(fn=cmd_generate)
 

@@ -71,6 +71,7 @@ class Ingress:
         app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/tokenizer_info", self.tokenizer_info, methods=["GET"])
+        app.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"])
         return app
 
     async def guard(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -132,6 +133,13 @@ class Ingress:
         except APIError as e:
             return _error(e)
         return _answer(answer)
+
+    async def rebalance(self) -> Response:
+        """Admin: re-place the experts from the load since the last placement (`LLM.rebalance`). Only
+        with an API key configured (the middleware has checked it): without one it is refused."""
+        if not self.serving.api_key:
+            return _error(APIError(403, "admin routes need serving.api_key to be set", code="admin_disabled"))
+        return _answer(await self.llm.rebalance.remote())
 
     async def tokenizer_info(self) -> Response:
         return JSONResponse(await self.llm.tokenizer_info.remote())

@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine import EngineError, RequestError, RequestFailed, RequestOutput
+from cluster.engine import EngineError, RebalanceUnavailable, RequestError, RequestFailed, RequestOutput
 from cluster.llm import LLM
 from cluster.openai_protocol import APIError
 from cluster.serve_config import ServeConfig
@@ -135,6 +135,13 @@ class LLMServer:
             "admitted_tokens": self.demand,
             "rss_bytes": rss_bytes(),
         }
+
+    def rebalance(self) -> dict[str, Any]:
+        """Re-place the experts now (`LLM.rebalance`): its report, or {"error": ...} where it cannot be."""
+        try:
+            return self.llm.rebalance()
+        except RebalanceUnavailable as e:
+            return {"error": Failure(status=400, message=str(e), code="rebalance_unavailable").model_dump()}
 
     def health(self) -> str:
         """This copy's id while its engine can serve; raises once a worker has died, so `/health`

@@ -27,6 +27,10 @@ class Metrics:
         self.kv_blocks = Gauge("mixtral_kv_blocks_in_use", "KV cache blocks in use", ["replica"], registry=r)
         labels = ["replica", "layer", "expert"]
         self.expert_tokens = Gauge("mixtral_expert_tokens", "Tokens routed to each expert", labels, registry=r)
+        self.group_tokens = Gauge("mixtral_expert_group_tokens", "(token, expert) pairs each expert group "
+                                  "computed since the last placement", ["replica", "group"], registry=r)  # fmt: skip
+        self.imbalance = Gauge("mixtral_expert_imbalance", "Heaviest expert group's pairs over the mean, "
+                               "averaged over layers, since the last placement", ["replica"], registry=r)  # fmt: skip
 
     def observe_engine(self, stats: dict[str, Any]) -> None:
         replica = str(stats["replica"])
@@ -36,6 +40,9 @@ class Metrics:
         for layer, row in enumerate(stats["expert_tokens"]):
             for expert, n in enumerate(row):
                 self.expert_tokens.labels(replica, str(layer), str(expert)).set(n)
+        for group, n in enumerate(stats["tokens_per_group"]):
+            self.group_tokens.labels(replica, str(group)).set(n)
+        self.imbalance.labels(replica).set(stats["imbalance"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

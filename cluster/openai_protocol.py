@@ -156,7 +156,8 @@ class APIError(Exception):
 
     @property
     def kind(self) -> str:
-        kinds = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+        kinds = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 500: "server_error",
+                 503: "service_unavailable"}  # fmt: skip
         return kinds.get(self.status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:

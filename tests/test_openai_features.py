@@ -223,3 +223,12 @@ def test_raw_stream_chunks_carry_completion_logprobs_and_echo(server: dict[str, 
     assert first["logprobs"]["token_logprobs"][0] is None and len(first["logprobs"]["tokens"]) == 4  # the echo
     generated = [t for c in chunks[1:] for t in c["choices"][0]["logprobs"]["token_logprobs"]]
     assert len(generated) == 3 and all(isinstance(v, float) for v in generated)
+
+
+def test_rebalancing_is_an_admin_route_under_the_api_key(server: dict[str, Any]) -> None:
+    assert http(server, "/admin/rebalance", {}, key="wrong").status_code == 401
+    r = http(server, "/admin/rebalance", {})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert {"imbalance_before", "imbalance_after", "moved", "placement"} <= set(report)
+    assert len(report["placement"]) == TINY.num_layers and all(len(layer) == 2 for layer in report["placement"])

@@ -89,3 +89,8 @@ def test_serve_answers_token_ids(server: dict[str, Any], checkpoint_factory: Any
     with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as e:
         pb_grpc.InferenceStub(channel).Complete(pb.GenerateRequest(prompt="hello", max_tokens=2))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokenizer.model" in (e.value.details() or "")
+
+
+def test_admin_routes_are_refused_without_an_api_key(server: dict[str, Any]) -> None:
+    r = httpx.post(server["url"] + "/admin/rebalance", timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"

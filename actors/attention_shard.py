@@ -27,8 +27,7 @@ class AttentionShard(Worker):
         self.cache = KVCache.allocate(self.config, setup.num_blocks, block_size, self.dtype, self.device)
         self.sampler = Sampler()
 
-    @torch.inference_mode()
-    def step(self, plan: StepPlan) -> list[Sampled]:
+    def run_step(self, plan: StepPlan) -> list[Sampled]:
         clock = self.clock
         clock.begin_step()
         batch = plan.batches[self.spec.index]

@@ -16,7 +16,8 @@ transport needs (gloo's staging copies) and the caller's split sizes (`actors/di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,12 @@ import torch
 import torch.distributed as dist
 
 from protocol.config import Transport
+
+
+class DataPlaneBroken(RuntimeError):
+    """A collective or point-to-point call failed: a peer died, or tore its group down after its own
+    failure. The worker tears its group down too, so that peers blocked on it fail as well; the
+    engine side then replaces the dead worker and forms a new group (`RayBackend`)."""
 
 
 class DataPlane:
@@ -67,6 +74,10 @@ class DataPlane:
         self, sends: Sequence[tuple[int, torch.Tensor]] = (), recvs: Sequence[tuple[int, torch.Tensor]] = ()
     ) -> None:
         """Send each (peer rank, tensor) of `sends` and fill each of `recvs`, all posted at once."""
+        with _broken_if_failed("point-to-point"):
+            self._send_recv(sends, recvs)
+
+    def _send_recv(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]]) -> None:
         if not sends and not recvs:
             return
         if self.staged:
@@ -85,11 +96,19 @@ class DataPlane:
         self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int], input_splits: list[int]
     ) -> None:
         """`all_to_all_single` in the router + expert-group sub-group (rows per member, P each)."""
-        dist.all_to_all_single(output, input, output_splits, input_splits, group=self.moe_group)
+        with _broken_if_failed("all-to-all"):
+            dist.all_to_all_single(output, input, output_splits, input_splits, group=self.moe_group)
 
     def all_to_all_counts(self, output: torch.Tensor, input: torch.Tensor) -> None:
         """The [P] split sizes every member sends every other, exchanged before the rows."""
-        dist.all_to_all_single(output, input, group=self.moe_group)
+        with _broken_if_failed("all-to-all"):
+            dist.all_to_all_single(output, input, group=self.moe_group)
+
+    def abort(self) -> None:
+        """Tear the groups down: their connections close, so peers waiting on this worker fail at once
+        instead of at the group's timeout."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     @property
     def backend(self) -> str:
@@ -104,3 +123,11 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 def _pinned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+@contextlib.contextmanager
+def _broken_if_failed(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # gloo: RuntimeError from its transport; NCCL: DistBackendError
+        raise DataPlaneBroken(f"the data plane's {what} failed: {str(e).splitlines()[0][:200]}") from e

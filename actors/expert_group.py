@@ -81,8 +81,7 @@ class ExpertGroup(Worker):
         self.local_of = self._local_table()
         self._staged = {}
 
-    @torch.inference_mode()
-    def step(self, plan: StepPlan) -> int:
+    def run_step(self, plan: StepPlan) -> int:
         """Serve every layer of this step; returns the rows processed."""
         cfg, clock = self.config, self.clock
         clock.begin_step()

@@ -39,8 +39,7 @@ class Router(Worker):
         """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
         return self.total_counts.clone()
 
-    @torch.inference_mode()
-    def step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every layer's routing for this step; returns tokens per expert [L, E] and the
         (token, expert) pairs it sent each expert group [L, G]."""
         cfg, clock = self.config, self.clock

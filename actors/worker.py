@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from model.checkpoint import Checkpoint
 from model.kernels import select_kernels
 from model.loader import load_into
 from model.mixtral import Mixtral
+from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def free_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port  # type: ignore[no-untyped-call]
 
 
-class Worker:
+class Worker(abc.ABC):
     """Base of AttentionShard, Router and ExpertGroup: holds `Mixtral(config, spec.parts, spec.experts)`
     on the kernels the config chooses for its device and dtype."""
 
@@ -77,7 +79,10 @@ class Worker:
         return free_address()
 
     def join(self, master_addr: str, master_port: int) -> None:
-        """Form the data plane: the world group, and the router + expert-group sub-group (every rank calls it)."""
+        """Form the data plane: the world group, and the router + expert-group sub-group (every rank
+        calls it). A worker that had one (a survivor of a lost worker) leaves it first."""
+        if self.plane is not None:
+            self.plane.abort()
         cfg = self.setup.config
         world = cfg.cluster.attention_shards + cfg.cluster.routers + cfg.cluster.expert_groups
         timeout_s = max(cfg.engine.step_timeout_s, 60.0)
@@ -90,6 +95,22 @@ class Worker:
     def data_plane(self) -> DataPlane:
         assert self.plane is not None, "a step before the data plane was formed"
         return self.plane
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> Any:
+        """One engine step (`run_step`). If it fails (a peer died and the data plane broke, or anything
+        else), the data plane is torn down so the peers blocked on this worker fail at once too."""
+        try:
+            return self.run_step(plan)
+        except BaseException:
+            if self.plane is not None:
+                self.plane.abort()
+                self.plane = None
+            raise
+
+    @abc.abstractmethod
+    def run_step(self, plan: StepPlan) -> Any:
+        """The role's part of one step (attention shard, router, expert group)."""
 
     def where(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()

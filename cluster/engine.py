@@ -96,6 +96,14 @@ class RequestOutput:
 Report = Literal["where", "loaded", "settings", "step_times"]
 
 
+class ShardsLost(Exception):
+    """Attention shards died and were replaced: their KV caches (and their sequences' state) are gone."""
+
+    def __init__(self, shards: list[int]) -> None:
+        super().__init__(f"attention shards {shards} were replaced; their sequences must be recomputed")
+        self.shards = shards
+
+
 class RebalanceUnavailable(ValueError):
     """Re-placing experts needs expert groups: a single-process copy has one set of all of them."""
 
@@ -112,6 +120,7 @@ class Executed:
 class Backend(Protocol):
     num_shards: int
     num_groups: int  # expert groups (1 in one process)
+    recoveries: list[dict[str, Any]]  # workers replaced after they died, and how long each took
 
     def execute(self, batches: list[ShardBatch]) -> Executed:
         """Run one step: per shard the sampled tokens, and where its tokens went."""
@@ -146,6 +155,7 @@ class LocalBackend:
 
     def __init__(self, model: Mixtral, num_blocks: int, block_size: int) -> None:
         self.model = model
+        self.recoveries: list[dict[str, Any]] = []  # no workers to lose
         weight = model.embed_tokens.weight
         self.cache = KVCache.allocate(model.config, num_blocks, block_size, weight.dtype, weight.device)
         self.sampler = Sampler()
@@ -387,7 +397,14 @@ class Engine:
         for c in schedule.chunks:
             batches[c.seq.shard].chunks.append(self._chunk(c))
         executed = time.perf_counter()
-        result = self.backend.execute(batches)
+        try:
+            result = self.backend.execute(batches)
+        except ShardsLost as lost:  # their workers were replaced: nothing of them survives but the requests
+            for shard in lost.shards:
+                self._drops[shard], self._copies[shard] = [], []
+                self.scheduler.reset_shard(shard)
+            logger.warning("attention shards %s were replaced; their sequences are recomputed", lost.shards)
+            return []  # this step's other work runs again in the next one (nothing was advanced)
         returned = time.perf_counter()
         self.expert_counts += result.expert_counts
         self.since_counts += result.expert_counts

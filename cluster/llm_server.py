@@ -134,6 +134,7 @@ class LLMServer:
             "expert_tokens": self.llm.expert_token_counts().tolist(),
             "admitted_tokens": self.demand,
             "rss_bytes": rss_bytes(),
+            "recoveries": list(self.llm.backend.recoveries),
         }
 
     def rebalance(self) -> dict[str, Any]:

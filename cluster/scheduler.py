@@ -177,6 +177,17 @@ class Scheduler:
         self.running.append(child)
         return child, copy
 
+    def reset_shard(self, shard: int) -> None:
+        """`shard`'s KV cache is gone (its worker was replaced): every sequence on it starts over, as if
+        preempted, and nothing it had cached can be reused."""
+        for seq in [s for s in self.running if s.shard == shard]:
+            self._preempt(seq, f"its KV cache on shard {shard} was lost")
+        for seq in self.waiting:
+            if seq.shard == shard:
+                seq.block_table, seq.num_computed, seq.registered = [], 0, 0
+        old = self.pools[shard]
+        self.pools[shard] = BlockPool(old.num_blocks, old.caching)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -200,7 +211,7 @@ class Scheduler:
             self._release_outside_window(seq, seq.num_computed)
             while not self._grow(seq, seq.num_computed + n):
                 victim = self._newest_unscheduled(seq.shard, scheduled, exclude=seq) or seq
-                self._preempt(victim)
+                self._preempt(victim, f"KV blocks exhausted on shard {victim.shard}")
                 preempted.append(victim)
                 if victim is seq:
                     break
@@ -324,8 +335,8 @@ class Scheduler:
                 return seq
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
-        logger.info("preempting %s (KV blocks exhausted on shard %d); it will be recomputed", seq.request_id, seq.shard)
+    def _preempt(self, seq: Sequence, why: str) -> None:
+        logger.info("preempting %s (%s); it will be recomputed", seq.request_id, why)
         self.running.remove(seq)
         self._free_all(seq)
         seq.status = Status.WAITING

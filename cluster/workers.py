@@ -9,6 +9,7 @@ be blocked in a collective) and the error names the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,8 +23,9 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import AttentionShard, ExpertGroup, Router
+from actors.data_plane import DataPlaneBroken
 from actors.expert_group import moves_to
-from cluster.engine import EngineError, Executed, Report
+from cluster.engine import EngineError, Executed, Report, ShardsLost
 from cluster.placement import (
     Layout,
     PlacementError,
@@ -42,6 +44,7 @@ from protocol.step import ShardBatch, StepPlan
 from protocol.worker import Role, WorkerSetup
 
 ACTOR_CLASSES: dict[Role, type] = {"attention": AttentionShard, "router": Router, "experts": ExpertGroup}
+MAX_RECOVERIES = 2  # worker replacements one step may need before the copy is given up
 
 
 def _remote(role: Role) -> Any:
@@ -91,6 +94,7 @@ class RayBackend:
         self.slots = slots_per_group(setup.model.num_experts, self.num_groups, self.layout.redundant_experts)
         self.placement: Placement = setup.placement
         self._staging: tuple[Placement, list[Any], dict[str, Any]] | None = None
+        self.recoveries: list[dict[str, Any]] = []  # workers replaced, and how long it took
         wanted = bundles(self.specs, worker_resources(cfg.cluster))
         check_transport(cfg.cluster)
         if cfg.cluster.device == "cuda":
@@ -134,23 +138,50 @@ class RayBackend:
                 f"{timeout_s:.0f} s; the cluster has {free} free. Add nodes or shrink the layout."
             ) from e
 
-    def _start_actors(self) -> list[Any]:
+    def _restart(self, i: int, setup: WorkerSetup, deadline: float) -> Any:
+        """A new worker `i`, started once its bundle is placed again. When a whole node was lost, Ray
+        first notices, then places the node's bundles elsewhere if there is room; a worker started
+        before that is cancelled, and is started again."""
         assert self.pg is not None
-        actors: list[Any] = []
-        for i, spec in enumerate(self.specs):
-            index = self.bundle_offset + i
-            bundle = self.pg.bundle_specs[index]
-            options: dict[str, Any] = {
-                "num_cpus": bundle.get("CPU", 0),
-                "num_gpus": bundle.get("GPU", 0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
-                "max_restarts": 0,
-            }
-            extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None
-            if extra:
-                options["resources"] = extra
-            actors.append(_remote(spec.role).options(**options).remote(spec, self.setup))
-        return actors
+        pg_id = self.pg.id.hex()
+        while True:
+            while ray.util.placement_group_table(self.pg).get("state") != "CREATED":
+                if time.monotonic() > deadline:
+                    raise EngineError(f"the placement group {pg_id} was not placed again in time")
+                time.sleep(0.2)
+            actor = self._start_actor(i, setup)
+            try:
+                ray.get(actor.address.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                return actor
+            except RayActorError as e:
+                cancelled = "never ran" in str(e) or "cancelled" in str(e)
+                if not cancelled or time.monotonic() > deadline:
+                    raise
+                logger.info("worker %s was cancelled before it ran (its bundle moves); starting it again",
+                            self.specs[i].name)  # fmt: skip
+                time.sleep(0.5)
+            except GetTimeoutError as e:
+                ray.kill(actor, no_restart=True)
+                raise EngineError(f"{self.specs[i].name} did not start in time") from e
+
+    def _start_actors(self) -> list[Any]:
+        return [self._start_actor(i, self.setup) for i in range(len(self.specs))]
+
+    def _start_actor(self, i: int, setup: WorkerSetup) -> Any:
+        """Worker `i` (rank order) in its bundle of the placement group."""
+        assert self.pg is not None
+        index = self.bundle_offset + i
+        bundle = self.pg.bundle_specs[index]
+        options: dict[str, Any] = {
+            "num_cpus": bundle.get("CPU", 0),
+            "num_gpus": bundle.get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+            "max_restarts": 0,
+        }
+        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None
+        if extra:
+            options["resources"] = extra
+        return _remote(self.specs[i].role).options(**options).remote(self.specs[i], setup)
 
     def _form_data_plane(self, timeout_s: float) -> None:
         addr, port = self._get([self.actors[0].address.remote()], timeout_s, "start-up")[0]
@@ -159,13 +190,79 @@ class RayBackend:
     # ---- steps -------------------------------------------------------------------------------
 
     def execute(self, batches: list[ShardBatch]) -> Executed:
+        """One step on every worker. A worker that dies is replaced and the step run again (`_recover`):
+        no request fails for a lost router or expert group. A lost attention shard's KV cache is gone
+        with it: `ShardsLost` tells the engine to recompute its sequences."""
         plan = ray.put(StepPlan(batches))
-        results = self._get([a.step.remote(plan) for a in self.actors], self.step_timeout_s, "step")
+        for _ in range(MAX_RECOVERIES + 1):
+            results, dead, errors = self._step_everywhere(plan)
+            if not dead and not errors:
+                return self._executed(results)
+            if errors or not dead:  # a worker failed by itself, not for a lost peer: the copy cannot go on
+                name, error = next(iter(errors.items()))
+                self.shutdown()
+                raise EngineError(f"worker {name} failed during step: {_first_line(error)}") from error
+            self._recover(dead)
+            lost = [self.specs[i].index for i in dead if self.specs[i].role == "attention"]
+            if lost:
+                raise ShardsLost(lost)
+            a, r = self.layout.attention_shards, self.layout.routers
+            if all(res is not None for res in results[: a + r]):  # it died after the step's last exchange
+                return self._executed(results)
+        self.shutdown()
+        raise EngineError(f"the step failed {MAX_RECOVERIES + 1} times: workers kept dying")
+
+    def _executed(self, results: list[Any]) -> Executed:
         a, r = self.layout.attention_shards, self.layout.routers
         routed = results[a : a + r]  # each router's (tokens per expert [L, E], pairs per group [L, G])
         counts = torch.stack([c for c, _ in routed]).sum(0)
         groups = torch.stack([g for _, g in routed]).sum(0)
         return Executed(results[:a], counts, groups)
+
+    def _step_everywhere(self, plan: Any) -> tuple[list[Any], list[int], dict[str, BaseException]]:
+        """Run a step on every worker and wait for all of them (survivors of a dead worker fail fast:
+        each tears its data plane down, so the peers blocked on it fail too). Returns each worker's
+        result (None where it failed), the dead workers, and the failures that were not a dead peer."""
+        refs = [a.step.remote(plan) for a in self.actors]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.step_timeout_s)
+        if pending:
+            slow = [self.specs[refs.index(r)].name for r in pending]
+            self.shutdown()
+            raise EngineError(f"step timed out after {self.step_timeout_s:.0f} s waiting for {', '.join(slow)}")
+        results: list[Any] = []
+        dead: list[int] = []
+        errors: dict[str, BaseException] = {}
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+                continue
+            except RayActorError:
+                dead.append(i)
+            except DataPlaneBroken:
+                pass  # a survivor: its peer is among the dead
+            except RayError as e:
+                errors[self.specs[i].name] = e
+            results.append(None)
+        return results, dead, errors
+
+    def _recover(self, dead: list[int]) -> None:
+        """Replace the dead workers in their bundles (with the copy's current expert placement) and form
+        the data plane anew among all workers; the others keep their weights and KV caches. If that
+        cannot be done, the copy is given up: shut down, `EngineError` (Serve then replaces it)."""
+        names = ", ".join(self.specs[i].name for i in dead)
+        logger.warning("worker %s died; replacing it", names)
+        started = time.monotonic()
+        try:
+            setup = dataclasses.replace(self.setup, placement=self.placement)
+            deadline = time.monotonic() + self.setup.config.cluster.placement_timeout_s
+            for i in dead:
+                self.actors[i] = self._restart(i, setup, deadline)
+            self._form_data_plane(timeout_s=max(self.step_timeout_s, 60.0))
+        except (EngineError, RayError) as e:
+            self.shutdown()
+            raise EngineError(f"worker {names} died and could not be replaced: {_first_line(e)}") from e
+        self.recoveries.append({"workers": names, "seconds": time.monotonic() - started})
+        logger.warning("worker %s replaced in %.1f s; the data plane is formed anew", names, time.monotonic() - started)
 
     # ---- expert placement --------------------------------------------------------------------
 
@@ -217,21 +314,23 @@ class RayBackend:
         self.placement = new
         return report
 
-    def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        """Results of one call per worker; the first failure or the timeout kills the copy and raises."""
+    def _get(self, refs: list[Any], timeout_s: float, what: str, workers: list[int] | None = None) -> list[Any]:
+        """Results of one call per worker (`workers`: whose, by rank; default all, in order); the first
+        failure or the timeout kills the copy and raises."""
+        names = [self.specs[i].name for i in (workers if workers is not None else range(len(refs)))]
         pending = list(refs)
         deadline = time.monotonic() + timeout_s
         while pending:
             left = deadline - time.monotonic()
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0.0))
             if not ready:
-                slow = [self.specs[refs.index(r)].name for r in pending]
+                slow = [names[refs.index(r)] for r in pending]
                 self.shutdown()
                 raise EngineError(f"{what} timed out after {timeout_s:.0f} s waiting for {', '.join(slow)}")
             try:
                 ray.get(ready[0])
             except (RayActorError, RayError) as e:
-                name = self.specs[refs.index(ready[0])].name
+                name = names[refs.index(ready[0])]
                 self.shutdown()
                 kind = "died" if isinstance(e, RayActorError) else "failed"
                 raise EngineError(f"worker {name} {kind} during {what}: {_first_line(e)}") from e

@@ -94,7 +94,12 @@ def wait_until_serving(url: str, expected: str, timeout_s: float = 120) -> float
 
 
 class Load:
-    """Clients sending long requests back to back (non-streamed, streamed and gRPC streams) until stopped."""
+    """Clients sending long greedy requests back to back (non-streamed, streamed and gRPC streams)
+    until stopped. Each record: kind, start, end, outcome, the text received, and for streams the
+    times its pieces arrived."""
+
+    PROMPT = "tell me everything"
+    MAX_TOKENS = 300
 
     def __init__(self, url: str, grpc_target: str | None = None) -> None:
         self.url, self.grpc_target = url, grpc_target
@@ -114,36 +119,48 @@ class Load:
         for t in self.threads:
             t.join(timeout=60)
 
-    def _record(self, kind: str, start: float, outcome: str, detail: Any = None) -> None:
+    def _record(self, kind: str, start: float, outcome: str, detail: Any = None, text: str = "",
+                arrivals: list[float] | None = None) -> None:  # fmt: skip
         with self.lock:
             self.records.append({"kind": kind, "start": start, "end": time.monotonic(), "outcome": outcome,
-                                 "detail": detail})  # fmt: skip
+                                 "detail": detail, "text": text, "arrivals": arrivals or []})  # fmt: skip
 
     def _body(self, stream: bool) -> dict[str, Any]:
-        return {"model": MODEL, "prompt": "tell me everything", "max_tokens": 300, "temperature": 0, "stream": stream}
+        return {
+            "model": MODEL,
+            "prompt": self.PROMPT,
+            "max_tokens": self.MAX_TOKENS,
+            "temperature": 0,
+            "stream": stream,
+        }
 
     def _plain(self) -> None:
         while not self.stop.is_set():
             start = time.monotonic()
             try:
                 r = httpx.post(self.url + "/v1/completions", json=self._body(False), timeout=60)
-                self._record("plain", start, str(r.status_code), (dict(r.headers), r.json()))
+                body = r.json()
+                text = body["choices"][0]["text"] if r.status_code == 200 else ""
+                self._record("plain", start, str(r.status_code), (dict(r.headers), body), text)
             except httpx.HTTPError as e:
                 self._record("plain", start, "transport", repr(e))
 
     def _stream(self) -> None:
         while not self.stop.is_set():
             start = time.monotonic()
+            text, arrivals, last = "", [], None
             try:
                 with httpx.stream("POST", self.url + "/v1/completions", json=self._body(True), timeout=60) as r:
-                    last = None
                     for line in r.iter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
                             last = json.loads(line[6:])
+                            if last.get("choices"):
+                                text += last["choices"][0]["text"]
+                                arrivals.append(time.monotonic())
                     outcome = "error-event" if last and "error" in last else str(r.status_code)
-                    self._record("stream", start, outcome, last)
+                    self._record("stream", start, outcome, last, text, arrivals)
             except httpx.HTTPError as e:
-                self._record("stream", start, "transport", repr(e))
+                self._record("stream", start, "transport", repr(e), text, arrivals)
 
     def _grpc(self) -> None:
         assert self.grpc_target is not None
@@ -151,8 +168,21 @@ class Load:
             stub = pb_grpc.InferenceStub(channel)
             while not self.stop.is_set():
                 start = time.monotonic()
+                text, arrivals = "", []
                 try:
-                    list(stub.Generate(pb.GenerateRequest(prompt="tell me everything", max_tokens=300, temperature=0)))
-                    self._record("grpc", start, "OK")
+                    request = pb.GenerateRequest(prompt=self.PROMPT, max_tokens=self.MAX_TOKENS, temperature=0)
+                    for part in stub.Generate(request):
+                        text += part.text
+                        arrivals.append(time.monotonic())
+                    self._record("grpc", start, "OK", None, text, arrivals)
                 except grpc.RpcError as e:
-                    self._record("grpc", start, e.code().name, e.details())
+                    self._record("grpc", start, e.code().name, e.details(), text, arrivals)
+
+    def in_flight(self, at: float) -> list[dict[str, Any]]:
+        """The requests that had started before `at` and ended after it."""
+        return [r for r in self.records if r["start"] < at <= r["end"]]
+
+    def stall(self, at: float) -> float:
+        """The longest gap between two pieces of a stream that was open at `at`: what a client waited."""
+        gaps = [b - a for r in self.in_flight(at) for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
+        return max(gaps, default=0.0)

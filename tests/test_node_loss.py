@@ -2,11 +2,13 @@
 
 A CPU head (ingress, proxy) and three worker nodes with a `model_slot` resource that the model
 copy's worker bundles ask for (SPREAD). The node of `experts-0` is removed while requests
-decode: in-flight requests must end within 5 s with 503 (or an error event on a stream),
-Serve must bring up a new copy on the nodes left and answer correctly, and nothing may leak."""
+decode. Ray places the lost bundles on the nodes left (they have room), the copy replaces the
+workers it lost there and forms its data plane anew: no request fails, every answer equals the
+fault-free one, the replacements live on the nodes left, and nothing leaks."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,14 +46,18 @@ def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def expected(checkpoint_factory) -> str:
+def expected(checkpoint_factory) -> dict[str, str]:
     with LLM(checkpoint_factory(ENGINE_CONFIG, seed=5), single_process=True) as llm:
-        return llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+        probe = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+        load = llm.generate([Load.PROMPT], SamplingParams(max_tokens=Load.MAX_TOKENS, temperature=0.0))[0].text
+    return {"probe": probe, "load": load}
 
 
-def test_losing_the_expert_node_fails_fast_and_a_new_copy_serves(cluster: dict[str, Any], expected: str) -> None:
+def test_losing_a_model_node_replaces_its_workers_on_the_nodes_left(
+    cluster: dict[str, Any], expected: dict[str, str]
+) -> None:
     url = cluster["url"]
-    wait_until_serving(url, expected)
+    wait_until_serving(url, expected["probe"])
     before = census()
     workers = serve.get_deployment_handle("LLMServer", app_name="mixtral").workers.remote().result()
     where = {w["name"]: w["node_id"] for w in workers}
@@ -61,19 +67,17 @@ def test_losing_the_expert_node_fails_fast_and_a_new_copy_serves(cluster: dict[s
         time.sleep(2.0)
         killed = time.monotonic()
         cluster["cluster"].remove_node(victim, allow_graceful=False)
-        time.sleep(6.0)
-    in_flight = [r for r in load.records if r["start"] < killed <= r["end"]]
-    assert in_flight, load.records
-    for r in in_flight:
-        assert r["end"] - killed < 5.0, r
-        if r["kind"] == "plain":
-            assert r["outcome"] == "503" and r["detail"][0]["retry-after"] == "3", r
-        else:
-            assert r["outcome"] == "error-event", r
-    wait_until_serving(url, expected, timeout_s=180)
+        time.sleep(10.0)
+    assert load.in_flight(killed), load.records
+    failed = [r for r in load.records if r["outcome"] != "200"]
+    assert not failed, failed[:3]
+    assert all(r["text"] == expected["load"] for r in load.records)
     workers = serve.get_deployment_handle("LLMServer", app_name="mixtral").workers.remote().result()
-    assert all(w["node_id"] != victim.node_id for w in workers)  # the new copy lives on the nodes left
+    assert sorted(w["name"] for w in workers) == sorted(where)
+    assert all(w["node_id"] != victim.node_id for w in workers)  # the replacements live on the nodes left
     deadline = time.monotonic() + 60
     while census() != before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert census() == before, f"actors or placement groups leaked (lost node held {lost})"
+    logging.getLogger(__name__).info("node of %s lost: %d requests in flight, 0 failed, longest stall %.2f s",
+                                     lost, len(load.in_flight(killed)), load.stall(killed))  # fmt: skip

@@ -50,7 +50,7 @@ def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="the engine's kernels (default auto: the compiled CPU loops on CPU float32)")  # fmt: skip
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads of this process (transformers and the single-process engine)")  # fmt: skip
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "latency", "roofline", "prefix"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "latency", "roofline", "prefix", "skewed"],
                    help="parts to leave out")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here, with .md and .png files beside it")
     return p

@@ -49,6 +49,20 @@ def markdown(r: dict[str, Any]) -> str:
             f"| cached ({pc['cached_tokens']} prompt tokens from the cache) | {pc['warm_ms']:.1f} |",
             f"\nThe cached prefix answers {pc['speedup']:.1f}x sooner (single-process engine, one request at a time).",
         ]  # fmt: skip
+    sk = r.get("skewed")
+    if sk:
+        lines += ["", "## Skewed expert load (G=4, 4 redundant experts): before and after re-placement", "",
+                  "| placement | tokens/s | imbalance | pairs per group | step ms | expert_ffn ms | data_plane ms |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+        for phase in ("before", "after"):
+            p, b = sk[phase], sk[phase]["breakdown"]
+            lines.append(f"| {phase} re-placement | {p['tokens_per_s']:.1f} | {p['imbalance']:.2f} | "
+                         f"{p['tokens_per_group']} | {b['step']:.2f} | {b['expert_ffn']:.2f} | "
+                         f"{b['data_plane']:.2f} |")  # fmt: skip
+        rb = sk["rebalance"]
+        lines.append(f"\nThe re-placement moved {rb['moved']} expert weights (layer x slot); it predicted the "
+                     f"imbalance {rb['imbalance_before']:.2f} -> {rb['imbalance_after']:.2f} for the load it "
+                     "saw.")  # fmt: skip
     lat = r.get("latency", [])
     if lat:
         lines += ["", "## Serving latency (HTTP, streamed)", "",

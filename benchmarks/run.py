@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import breakdown, latency, prefix_cache, report, roofline, throughput
+from benchmarks import breakdown, latency, prefix_cache, report, roofline, skewed, throughput
 from benchmarks.args import FULL, QUICK, bench_parser
 from benchmarks.workload import ensure_checkpoint, mixed_prompts
 from cluster.llm import LLM
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.profile(False)
     transport: Transport = args.transport or ("nccl" if args.device == "cuda" else "gloo")
     gpu_share = 1.0 if transport == "nccl" else 1.0 / layout.num_workers  # gloo: the whole copy may share one GPU
+    if "skewed" not in args.skip:
+        logger.info("skewed expert load: G=4 with 4 redundant experts, before and after re-placement")
+        result["skewed"] = skewed.skewed_load(ckpt, engine, n_prompts, new_tokens, max_len, size["decode_batch"])
     raw = breakdown.raw_collectives_ms(
         config, layout, size["decode_batch"], dtype, args.device, transport, gpu_per_peer=gpu_share
     )

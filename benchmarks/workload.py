@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from protocol import config as protocol_config
 
@@ -27,3 +29,23 @@ def ensure_checkpoint(path: Path | None, preset: str, cache_dir: Path, seed: int
     if path is not None:
         return protocol_config.ensure_checkpoint(path, None)
     return protocol_config.ensure_checkpoint(cache_dir / f"{preset}-seed{seed}", preset, seed, progress=True)
+
+
+def skewed_copy(src: Path, dst: Path, hot: tuple[int, ...] = (6, 7), strength: float = 2.0) -> Path:
+    """A copy of checkpoint `src` whose gates send most tokens of most layers to the `hot` experts:
+    every token's embedding gets one shared direction, and the hot experts' gate rows of every layer
+    align with it (the residual stream carries it through the layers). Real traffic is skewed like
+    this: a few experts of some layers get most of the tokens."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        shutil.copy(f, dst / f.name)
+    tensors = load_file(dst / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]  # [V, H]
+    direction = torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(17))
+    direction /= direction.norm()
+    embed += strength * direction
+    for name, tensor in tensors.items():
+        if name.endswith("block_sparse_moe.gate.weight"):  # [E, H]
+            tensor[list(hot)] += strength * direction
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -81,27 +81,3 @@ def poisoned_copy(src: Path, dst: Path, token: int) -> Path:
 def idle(stats: dict[str, Any]) -> dict[str, Any]:
     """The part of `LLM.stats()` that says nothing runs, waits or holds KV blocks."""
     return {k: stats[k] for k in ("running", "waiting", "blocks_in_use")}
-
-
-def skewed_copy(src: Path, dst: Path, hot: tuple[int, ...] = (6, 7), strength: float = 2.0) -> Path:
-    """A copy of checkpoint `src` whose gates send most tokens of most layers to the `hot` experts:
-    every token's embedding gets one shared direction, and the hot experts' gate rows of every layer
-    align with it (the residual stream carries it through the layers). Real traffic is skewed like
-    this: a few experts of some layers get most of the tokens."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in Path(src).iterdir():
-        shutil.copy(f, dst / f.name)
-    tensors = load_file(dst / "model.safetensors")
-    embed = tensors["model.embed_tokens.weight"]  # [V, H]
-    direction = torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(17))
-    direction /= direction.norm()
-    embed += strength * direction
-    for name, tensor in tensors.items():
-        if name.endswith("block_sparse_moe.gate.weight"):  # [E, H]
-            tensor[list(hot)] += strength * direction
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst

@@ -35,6 +35,9 @@ def test_bench_quick_on_tiny_writes_json_markdown_and_plots(tmp_path: Path) -> N
     assert b["tokens_per_step"] == 8  # the quick decode batch
     assert r["collectives"]["raw_per_layer_ms"] > 0
     assert r["roofline"]["floor_ms"] > 0 and r["roofline"]["ratio"] > 0
+    sk = r["skewed"]
+    assert sk["before"]["imbalance"] >= 2 > 1.3 >= sk["after"]["imbalance"]  # one hot group, then even
+    assert sk["before"]["tokens_per_s"] > 0 and sk["after"]["tokens_per_s"] > 0 and sk["rebalance"]["moved"] > 0
     pc = r["prefix_cache"]
     assert pc["cached_tokens"] >= pc["prefix_tokens"] - 16 and pc["cold_ms"] > 0 and pc["warm_ms"] > 0
     for suffix in (".md", "-throughput.png", "-latency.png", "-breakdown.png"):

@@ -19,10 +19,11 @@ import ray
 import torch
 from transformers import MixtralForCausalLM
 
+from benchmarks.workload import skewed_copy
 from cluster.engine import RebalanceUnavailable, SamplingParams
 from cluster.llm import LLM
 from model import ModelConfig
-from tests.helpers import random_prompts, skewed_copy
+from tests.helpers import random_prompts
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts(12, seed=3, low=5, high=30)

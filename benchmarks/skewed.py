@@ -1,0 +1,52 @@
+"""Skewed expert load: the cluster on a checkpoint whose gates send most tokens to two experts,
+before and after re-placement, side by side.
+
+The skewed copy of the benchmark checkpoint (`workload.skewed_copy`: experts 6 and 7 take most
+tokens of every layer, and the initial placement puts them in one group) runs on G=4 expert
+groups over 8 experts with 4 redundant slots. The same workload runs twice on one copy: with the
+initial placement, then after `rebalance()` has given the hot experts replicas. Each run reports
+throughput, the imbalance (heaviest group's pairs over the mean, per layer) and the decode-step
+breakdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from benchmarks import breakdown, throughput
+from benchmarks.workload import mixed_prompts, skewed_copy
+from cluster.llm import LLM
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = {"attention_shards": 1, "routers": 1, "expert_groups": 4, "redundant_experts": 4}
+
+
+def skewed_load(
+    checkpoint: Path, engine: dict[str, Any], prompts: int, new_tokens: int, max_len: int, decode_batch: int
+) -> dict[str, Any]:
+    """Throughput, imbalance and step breakdown on the skewed checkpoint, before and after re-placement."""
+    skewed = checkpoint.parent / f"{checkpoint.name}-skewed"
+    if not (skewed / "config.json").is_file():
+        skewed_copy(checkpoint, skewed)
+    with LLM(skewed, **LAYOUT, **engine) as llm:
+        vocab = llm.model_config.vocab_size
+        workload = mixed_prompts(prompts, 8, max_len, vocab, seed=2)
+        batch = mixed_prompts(decode_batch, 16, 16, vocab, seed=3)
+        out: dict[str, Any] = {}
+        for phase in ("before", "after"):
+            if phase == "after":
+                out["rebalance"] = {k: v for k, v in llm.rebalance().items() if k != "placement"}
+            run = throughput.run_engine(llm, workload, new_tokens, repeats=1)
+            load = llm.stats()
+            llm.profile(True)
+            llm.generate(batch, throughput.greedy(new_tokens))
+            steps = breakdown.decode_breakdown(llm.step_profile())
+            llm.profile(False)
+            out[phase] = {"tokens_per_s": run.tokens_per_s(), "imbalance": load["imbalance"],
+                          "tokens_per_group": load["tokens_per_group"], "breakdown": steps}  # fmt: skip
+            logger.info("skewed load %s re-placement: %.1f tok/s, imbalance %.2f", phase, run.tokens_per_s(),
+                        load["imbalance"])  # fmt: skip
+        return out

@@ -21,7 +21,7 @@ from cluster.llm import LLM
 
 logger = logging.getLogger(__name__)
 
-LAYOUT = {"attention_shards": 1, "routers": 1, "expert_groups": 4, "redundant_experts": 4}
+LAYOUT: dict[str, Any] = {"attention_shards": 1, "routers": 1, "expert_groups": 4, "redundant_experts": 4}
 
 
 def skewed_load(

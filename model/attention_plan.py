@@ -7,6 +7,8 @@ Several sequences are packed flat (`seq_lens` tokens each). Query i of a sequenc
 of the same sequence when `pos_j <= pos_i` and, with a sliding window W, `pos_i - W < pos_j`.
 Sequences never see each other. `plan_attention` turns positions, lengths and block tables
 into index tensors once per forward; every layer (and the attention kernel) reuses that plan.
+It works on the host (positions on the CPU, from the scheduler's lists) and moves the finished
+index tensors to the model's device once: on a GPU, none of its checks reads the device back.
 """
 
 from __future__ import annotations
@@ -31,11 +33,22 @@ class AttentionGroup:
     mask: torch.Tensor | None  # [S, Tq, Tk] bool, True where the query sees the key; None: sees all
     key_lens: torch.Tensor | None = None  # [S] one-query groups: each query sees its first key_lens keys
 
+    def to(self, device: torch.device) -> AttentionGroup:
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
+        key_lens = None if self.key_lens is None else self.key_lens.to(device, non_blocking=True)
+        return AttentionGroup(self.q_rows.to(device, non_blocking=True), self.k_index.to(device, non_blocking=True),
+                              mask, key_lens)  # fmt: skip
+
 
 @dataclass
 class AttentionPlan:
     groups: list[AttentionGroup]
     write_slots: torch.Tensor | None  # [T] pool slot of each new token; None without a cache
+
+    def to(self, device: torch.device) -> AttentionPlan:
+        """The plan's index tensors on `device` (one copy each; none when they are there already)."""
+        slots = None if self.write_slots is None else self.write_slots.to(device, non_blocking=True)
+        return AttentionPlan([g.to(device) for g in self.groups], slots)
 
 
 def plan_attention(
@@ -51,6 +64,7 @@ def plan_attention(
     to `write_slots` and each sequence reads every cached position its queries may see, so the
     same call serves prefill, chunked prefill and decode. Single-token sequences (decode) share
     one padded group; longer ones get a group each (no quadratic padding across prompts).
+    Built where `positions` are (pass them on the CPU); `AttentionPlan.to` moves it.
     """
     device = positions.device
     total = int(positions.shape[0])

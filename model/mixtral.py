@@ -103,16 +103,21 @@ class Mixtral(nn.Module):
     def prepare(
         self, positions: torch.Tensor, seq_lens: Sequence[int], cache: CacheBatch | None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
-        """Per-call tables every layer shares: rotary cos/sin [T, D] and the attention plan."""
-        cos, sin = cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.embed_tokens.weight.dtype)
+        """Per-call tables every layer shares: rotary cos/sin [T, D] and the attention plan, on the
+        model's device. The plan is built on the host: pass `positions` on the CPU (as `pack` does)
+        and nothing here reads the device back."""
+        weight = self.embed_tokens.weight
+        host = positions.cpu()
         plan = plan_attention(
-            positions,
+            host,
             seq_lens,
             self.config.sliding_window,
             None if cache is None else cache.block_tables,
             0 if cache is None else cache.cache.block_size,
         )
-        return cos, sin, plan
+        on_device = positions.to(weight.device, non_blocking=True)
+        cos, sin = cos_sin(on_device, self.config.head_dim, self.config.rope_theta, weight.dtype)
+        return cos, sin, plan.to(weight.device)
 
     def local_moe(self, expert_counts: torch.Tensor | None = None) -> MoEStep:
         """The MoE step of one process: each layer's own gate and experts. `expert_counts` [L, E],

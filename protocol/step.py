@@ -90,7 +90,7 @@ class Sampled:
 @dataclass
 class Packed:
     tokens: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] on the CPU
     seq_lens: list[int]
     block_tables: list[list[int]]
     logit_rows: torch.Tensor  # [R] the rows whose logits the step computes
@@ -111,7 +111,7 @@ def pack(batch: ShardBatch, device: torch.device | str) -> Packed:
         spans.append((first, len(rows)))
     return Packed(
         torch.tensor(tokens, dtype=torch.long, device=device),
-        torch.tensor(positions, dtype=torch.long, device=device),
+        torch.tensor(positions, dtype=torch.long),  # stays on the host: the attention plan is built there
         seq_lens,
         [c.block_table for c in batch.chunks],
         torch.tensor(rows, dtype=torch.long, device=device),
@@ -128,7 +128,8 @@ class Sampler:
     def sample(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> list[Sampled]:
         """logits [R, V], the rows `pack` asked for; `spans` says which belong to which chunk."""
         out = []
-        for c, (lo, hi) in zip(batch.chunks, spans, strict=True):
+        greedy = self._greedy_tokens(batch, logits, spans)
+        for i, (c, (lo, hi)) in enumerate(zip(batch.chunks, spans, strict=True)):
             if lo == hi:
                 continue
             try:  # this request's numbers, not the step's: a failure here ends it alone
@@ -137,11 +138,26 @@ class Sampler:
                     out.append(Sampled(c.request_id, None, prompt_logprobs=scored))
                     continue
                 row = logits[hi - 1]  # [V]
+                if i in greedy and not c.forks and c.logprobs is None:
+                    out.append(Sampled(c.request_id, greedy[i], None, scored))
+                    continue
                 out.append(self._draw(c.request_id, c.params.seed, c, row, scored))
                 out += [self._draw(d.request_id, d.seed, c, row, None) for d in c.forks]
             except Exception as e:
                 out.append(Sampled(c.request_id, None, error=f"sampling failed: {type(e).__name__}: {e}"))
         return out
+
+    @staticmethod
+    def _greedy_tokens(batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> dict[int, int]:
+        """The greedy chunks' tokens, chunk index -> token, from one argmax and one read back: on a
+        GPU each `int(argmax)` would wait for the device once per sequence."""
+        chunks = [i for i, (c, (lo, hi)) in enumerate(zip(batch.chunks, spans, strict=True))
+                  if lo < hi and c.params is not None and c.params.greedy]  # fmt: skip
+        if not chunks:
+            return {}
+        last = torch.tensor([spans[i][1] - 1 for i in chunks], device=logits.device)  # [G]
+        tokens = logits.index_select(0, last).float().argmax(dim=-1).tolist()  # [G]
+        return dict(zip(chunks, tokens, strict=True))
 
     def _draw(
         self, request_id: str, seed: int | None, c: SeqChunk, row: torch.Tensor, scored: list[TokenLogprobs] | None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import Checkpoint, CheckpointError, weight_names
-from model.kernels import KernelChoice, select_kernels
+from model.kernels import KernelChoice, Kernels, TorchKernels, select_kernels
 from model.mixtral import Mixtral
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
-    kernels: KernelChoice = "auto",
+    kernels: KernelChoice | Kernels = "auto",
 ) -> Mixtral:
     """The whole model from a checkpoint directory (HF or Mistral layout), in eval mode, running
-    on the `kernels` chosen for its device and dtype (`model.kernels.select_kernels`).
+    on the `kernels` chosen for its device and dtype (`model.kernels.select_kernels`), or on the
+    `Kernels` object given (the tests run the GPU kernels on CPU that way).
 
     The checkpoint must hold exactly the model's tensors: a missing one, or one nobody loads,
     is an error.
@@ -92,7 +93,8 @@ def load_model(
             f"checkpoint {checkpoint.path} has {len(unused)} tensors that no part of the model loads, e.g. "
             f"{', '.join(unused[:3])} (does its config match the weights?)"
         )
-    chosen = select_kernels(kernels, device, dtype)  # the CPU loops compile here, not in a first step
+    # the CPU loops compile here, not in a first step
+    chosen = kernels if isinstance(kernels, TorchKernels) else select_kernels(kernels, device, dtype)
     with torch.device("meta"):
         model = Mixtral(checkpoint.config, kernels=chosen)
     load_into(model, checkpoint, names, device=device, dtype=dtype, progress=progress)

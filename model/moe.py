@@ -96,7 +96,8 @@ class SparseMoE(nn.Module):
         assert self.gate is not None, "an MoE block without its gate cannot route"
         weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
         if expert_counts is not None:
-            expert_counts += torch.bincount(ids.flatten(), minlength=self.num_experts).to(expert_counts)
+            flat = ids.flatten()  # index_add, not bincount: bincount reads its input's max back from a GPU
+            expert_counts.index_add_(0, flat, torch.ones_like(flat, dtype=expert_counts.dtype))
         return combine((experts or self.local_experts)(x, ids), weights)
 
     def local_experts(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 On the GPU machine (../shared/gpu/README.md):  python3 -m pytest -q -m gpu tests/test_gpu.py
 
-- the model on CUDA against transformers on CUDA: fp32 logits (< 1e-4), bf16 argmax agreement;
+- the model on CUDA against transformers on CUDA, on the torch and the cuda kernels: fp32 logits
+  (< 1e-4), bf16 argmax agreement (tests/test_cuda_kernels.py checks the cuda kernels one by one);
 - the engine on CUDA: greedy = transformers, seeded sampling reproducible (the draw that used to
   kill the engine), one failing request failing alone, preemption and a sliding window;
 - the cluster on the one GPU with transport gloo (workers sharing it): layouts (1,1,2), (2,1,3),
@@ -39,7 +40,7 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
 PROMPTS = random_prompts(6, seed=21, low=2, high=40)
 LAYOUTS = [(1, 1, 2), (2, 1, 3), (2, 2, 8)]
-ENGINE = {"block_size": 4, "num_blocks": 256, "max_batched_tokens": 64}
+ENGINE: dict[str, Any] = {"block_size": 4, "num_blocks": 256, "max_batched_tokens": 64}
 
 
 def one_gpu(a: int, r: int, g: int) -> dict[str, Any]:
@@ -76,14 +77,15 @@ def ckpt(checkpoint_factory: Any) -> Path:
 # ---- the model and the single-process engine on CUDA (the GPU-engine issue) --------------------
 
 
-def test_logits_equal_transformers_on_cuda(checkpoint_factory: Any) -> None:
+@pytest.mark.parametrize("kernels", ["torch", "cuda"])
+def test_logits_equal_transformers_on_cuda(checkpoint_factory: Any, kernels: str) -> None:
     path = checkpoint_factory(grid_config(sliding_window=6), seed=3)
     lengths = [9, 1, 23, 16]
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 512, (n,), generator=gen) for n in lengths]
     tokens, positions = torch.cat(seqs).to(CUDA), torch.cat([torch.arange(n) for n in lengths]).to(CUDA)
     for dtype in (torch.float32, torch.bfloat16):
-        ours = load_model(path, dtype=dtype, device=CUDA)
+        ours = load_model(path, dtype=dtype, device=CUDA, kernels=kernels)  # type: ignore[arg-type]
         hf = MixtralForCausalLM.from_pretrained(path, dtype=dtype).to(CUDA).eval()
         with torch.no_grad():
             got = ours(tokens, positions, lengths).float()
@@ -94,8 +96,9 @@ def test_logits_equal_transformers_on_cuda(checkpoint_factory: Any) -> None:
             assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
-def test_greedy_engine_equals_transformers_on_cuda(ckpt: Path) -> None:
-    with LLM(ckpt, single_process=True, device=CUDA, **ENGINE) as llm:
+@pytest.mark.parametrize("kernels", ["torch", "cuda"])
+def test_greedy_engine_equals_transformers_on_cuda(ckpt: Path, kernels: str) -> None:
+    with LLM(ckpt, single_process=True, device=CUDA, kernels=kernels, **ENGINE) as llm:
         ours = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert ours == hf_greedy(ckpt, PROMPTS, 16)
 

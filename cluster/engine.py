@@ -25,6 +25,7 @@ from cluster.placement import layer_imbalance
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
 from model.config import ModelConfig
+from model.decode_graphs import DecodeGraphs
 from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
@@ -94,6 +95,7 @@ class RequestOutput:
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
+DecodeGraphSettings = tuple[int, int]  # (max_model_len, max_seqs) of the decode steps `DecodeGraphs` runs
 
 
 class ShardsLost(Exception):
@@ -153,12 +155,21 @@ class LocalBackend:
     num_shards = 1
     num_groups = 1
 
-    def __init__(self, model: Mixtral, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, model: Mixtral, num_blocks: int, block_size: int, decode_graphs: DecodeGraphSettings | None = None
+    ) -> None:
+        """`decode_graphs` (max_model_len, max_seqs): run decode steps through `DecodeGraphs`,
+        recorded as CUDA graphs on a GPU (the cache gets their scratch block on top)."""
         self.model = model
         self.recoveries: list[dict[str, Any]] = []  # no workers to lose
         weight = model.embed_tokens.weight
-        self.cache = KVCache.allocate(model.config, num_blocks, block_size, weight.dtype, weight.device)
+        extra = 0 if decode_graphs is None else 1
+        self.cache = KVCache.allocate(model.config, num_blocks + extra, block_size, weight.dtype, weight.device)
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs is not None:
+            max_len, max_seqs = decode_graphs
+            self.graphs = DecodeGraphs(model, self.cache, max_len, max_seqs, capture=weight.device.type == "cuda")
 
     @torch.inference_mode()
     def execute(self, batches: list[ShardBatch]) -> Executed:
@@ -168,7 +179,17 @@ class LocalBackend:
         cfg, device = self.model.config, self.cache.k.device
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
         sampled: list[Sampled] = []
-        if batch.chunks:
+        if (
+            self.graphs is not None
+            and self.graphs.fits(len(batch.chunks))
+            and all(len(c.tokens) == 1 and c.logit_rows == 1 for c in batch.chunks)
+        ):  # a decode step: at a fixed shape, replayed
+            logits, counts = self.graphs.step(
+                [c.tokens[0] for c in batch.chunks], [c.start for c in batch.chunks],
+                [c.block_table for c in batch.chunks],
+            )  # fmt: skip
+            sampled = self.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
+        elif batch.chunks:
             p = pack(batch, device)
             cache = CacheBatch(self.cache, p.block_tables)
             logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)

@@ -32,12 +32,32 @@ class AttentionGroup:
     k_index: torch.Tensor  # [S, Tk] rows of the key store: the call's own keys, or pool slots with a cache
     mask: torch.Tensor | None  # [S, Tq, Tk] bool, True where the query sees the key; None: sees all
     key_lens: torch.Tensor | None = None  # [S] one-query groups: each query sees its first key_lens keys
+    # One-query groups may instead list block tables (a CUDA graph's fixed-shape input): with
+    # block_size B > 1, k_index [S, W] holds each sequence's block table and its keys are the
+    # key_lens[s] positions from key_first[s] on; `as_slots` turns that into the form above.
+    key_first: torch.Tensor | None = None  # [S]
+    block_size: int = 1
 
     def to(self, device: torch.device) -> AttentionGroup:
         mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
         key_lens = None if self.key_lens is None else self.key_lens.to(device, non_blocking=True)
+        first = None if self.key_first is None else self.key_first.to(device, non_blocking=True)
         return AttentionGroup(self.q_rows.to(device, non_blocking=True), self.k_index.to(device, non_blocking=True),
-                              mask, key_lens)  # fmt: skip
+                              mask, key_lens, first, self.block_size)  # fmt: skip
+
+    def as_slots(self) -> AttentionGroup:
+        """The group with k_index as pool slots [S, Tk] and its mask (block tables expanded; this
+        reads the longest key count back from the device). Itself when it lists slots already."""
+        if self.block_size == 1:
+            return self
+        assert self.key_lens is not None and self.key_first is not None, "block tables need key_lens and key_first"
+        device, b = self.k_index.device, self.block_size
+        width = int(self.key_lens.max())
+        pos = self.key_first[:, None] + torch.arange(width, device=device)  # [S, Tk] key positions
+        valid = torch.arange(width, device=device)[None] < self.key_lens[:, None]  # [S, Tk]
+        column = torch.where(valid, pos // b, 0)  # [S, Tk] which entry of the table
+        slots = torch.where(valid, self.k_index.gather(1, column).long() * b + pos % b, 0)  # [S, Tk]
+        return AttentionGroup(self.q_rows, slots, valid[:, None], self.key_lens)
 
 
 @dataclass

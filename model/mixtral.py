@@ -119,13 +119,17 @@ class Mixtral(nn.Module):
         cos, sin = cos_sin(on_device, self.config.head_dim, self.config.rope_theta, weight.dtype)
         return cos, sin, plan.to(weight.device)
 
-    def local_moe(self, expert_counts: torch.Tensor | None = None) -> MoEStep:
+    def local_moe(
+        self, expert_counts: torch.Tensor | None = None, count_weights: torch.Tensor | None = None
+    ) -> MoEStep:
         """The MoE step of one process: each layer's own gate and experts. `expert_counts` [L, E],
-        if given, accumulates the tokens routed to each expert per layer."""
+        if given, accumulates the tokens routed to each expert per layer, each token counted
+        `count_weights` [T] times (default once; a graph's padding rows count 0)."""
         layers = self.decoder_layers()
 
         def step(i: int, x: torch.Tensor) -> torch.Tensor:
-            return layers[i].block_sparse_moe(x, None if expert_counts is None else expert_counts[i])
+            counts = None if expert_counts is None else expert_counts[i]
+            return layers[i].block_sparse_moe(x, counts, count_weights=count_weights)
 
         return step
 
@@ -144,8 +148,21 @@ class Mixtral(nn.Module):
         (default: this model's own, `local_moe()`)."""
         if tokens.shape != positions.shape or tokens.dim() != 1:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must be equal 1-D")
-        moe = moe or self.local_moe()
         cos, sin, plan = self.prepare(positions, seq_lens, cache)
+        return self.layer_loop(tokens, cos, sin, plan, cache, moe or self.local_moe(), rows)
+
+    def layer_loop(
+        self,
+        tokens: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        cache: CacheBatch | None,
+        moe: MoEStep,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layers over tables already `prepare`d (a CUDA graph's step brings its own):
+        tokens [T] -> final-normed hidden states [T, H] (or [R, H] of `rows`)."""
         h = self.embed_tokens(tokens)  # [T, H]
         for i, layer in enumerate(self.decoder_layers()):
             x, moe_input = layer.attention_block(h, cos, sin, plan, None if cache is None else cache.layer(i))

@@ -88,16 +88,25 @@ class SparseMoE(nn.Module):
         self.experts = ExpertFFN(config.hidden_size, config.intermediate_size, ids, kernels) if len(ids) else None
 
     def forward(
-        self, x: torch.Tensor, expert_counts: torch.Tensor | None = None, experts: ExpertsCall | None = None
+        self,
+        x: torch.Tensor,
+        expert_counts: torch.Tensor | None = None,
+        experts: ExpertsCall | None = None,
+        count_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, H] -> [T, H]; adds the tokens routed to each expert into `expert_counts` [E] if given.
+        """x [T, H] -> [T, H]; adds the tokens routed to each expert into `expert_counts` [E] if given,
+        each token `count_weights` [T] times (default once).
 
         `experts` computes the chosen experts' outputs; by default the experts held here."""
         assert self.gate is not None, "an MoE block without its gate cannot route"
         weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
         if expert_counts is not None:
-            flat = ids.flatten()  # index_add, not bincount: bincount reads its input's max back from a GPU
-            expert_counts.index_add_(0, flat, torch.ones_like(flat, dtype=expert_counts.dtype))
+            flat = ids.flatten()  # [T*K] index_add, not bincount: bincount reads its input's max back from a GPU
+            if count_weights is None:
+                added = torch.ones_like(flat, dtype=expert_counts.dtype)
+            else:
+                added = count_weights.to(expert_counts.dtype).repeat_interleave(self.top_k)  # [T*K]
+            expert_counts.index_add_(0, flat, added)
         return combine((experts or self.local_experts)(x, ids), weights)
 
     def local_experts(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,27 @@ def test_paged_decode_attention_equals_the_gathering_reference(hq: int, hkv: int
     torch.testing.assert_close(through_seam, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", [TorchKernels(), CudaKernels()], ids=["torch", "cuda"])
+def test_decode_attention_through_block_tables_equals_the_slot_lists(kernels: TorchKernels) -> None:
+    """The form a CUDA graph feeds: padded block tables, a first key position (a sliding window)
+    and a key count per sequence; the same numbers as the planner's slot lists."""
+    g = torch.Generator().manual_seed(4)
+    block, blocks, width = 4, 64, 12  # width: table entries per sequence, most of them padding
+    q = torch.randn(3, 8, 16, generator=g).to(DEVICE)
+    k_pool, v_pool = (torch.randn(blocks * block, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:width] for _ in range(3)]).to(DEVICE, torch.int32)
+    first, lens = torch.tensor([0, 5, 30], device=DEVICE), torch.tensor([1, 14, 9], device=DEVICE)
+    paged = AttentionGroup(torch.arange(3, device=DEVICE)[:, None], tables, None, lens, first, block)
+    slots = paged.as_slots()
+    for s in range(3):  # key j of sequence s at position first + j, through its table
+        pos = int(first[s]) + torch.arange(int(lens[s]))
+        want = tables[s].cpu().long()[pos // block] * block + pos % block
+        assert torch.equal(slots.k_index[s, : int(lens[s])].cpu(), want)
+    got = kernels.decode_attention(q, k_pool, v_pool, paged, 0.25)
+    torch.testing.assert_close(got, TorchKernels().decode_attention(q, k_pool, v_pool, slots, 0.25), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
 def test_paged_decode_attention_refuses_heads_that_do_not_share_evenly() -> None:
     q, k_pool, v_pool, group = _decode_case(1, 4, 3, 16, [5], seed=1)
     with pytest.raises(ValueError, match="4 query heads do not share 3 kv heads evenly"):
@@ -115,3 +136,4 @@ def test_the_gpu_kernels_are_chosen_for_gpus_only() -> None:
     with pytest.raises(ValueError, match="kernels 'cuda' run models on a GPU; this one is on cpu"):
         select_kernels("cuda", "cpu", torch.float32)
     assert type(select_kernels("cuda", "cuda", torch.bfloat16)) is CudaKernels
+    assert not CudaKernels.sync_free(torch.device("cpu"), torch.bfloat16)  # CUDA graphs on GPUs only

@@ -5,7 +5,8 @@ On the GPU machine (../shared/gpu/README.md):  python3 -m pytest -q -m gpu tests
 - the model on CUDA against transformers on CUDA, on the torch and the cuda kernels: fp32 logits
   (< 1e-4), bf16 argmax agreement (tests/test_cuda_kernels.py checks the cuda kernels one by one);
 - the engine on CUDA: greedy = transformers, seeded sampling reproducible (the draw that used to
-  kill the engine), one failing request failing alone, preemption and a sliding window;
+  kill the engine), one failing request failing alone, preemption and a sliding window; decode
+  steps replayed from CUDA graphs equal to the same steps run eagerly;
 - the cluster on the one GPU with transport gloo (workers sharing it): layouts (1,1,2), (2,1,3),
   (2,2,8) give in fp32 the single-process engine's and transformers' greedy tokens, in bf16 the
   single-process engine's, seeded sampling reproducible; a worker killed under load through the
@@ -126,6 +127,37 @@ def test_preemption_and_a_sliding_window_on_cuda(ckpt: Path) -> None:
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.stats()["blocks_in_use"] == 0
     assert [o.token_ids for o in outs] == reference
+
+
+def test_decode_steps_replayed_from_cuda_graphs_equal_the_same_steps_run_eagerly(ckpt: Path) -> None:
+    """bf16 on the cuda kernels: each recorded size's replay equals the step run as it is."""
+    from model.decode_graphs import DecodeGraphs
+    from model.kv_cache import KVCache
+
+    model = load_model(ckpt, dtype=torch.bfloat16, device=CUDA, kernels="cuda")
+    caches = [KVCache.allocate(model.config, 65, 4, torch.bfloat16, CUDA) for _ in range(2)]
+    recorded = DecodeGraphs(model, caches[0], max_model_len=128, max_seqs=8, capture=True, sizes=(1, 2, 4, 8))
+    eager = DecodeGraphs(model, caches[1], max_model_len=128, max_seqs=8, capture=False, sizes=(1, 2, 4, 8))
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
+    tokens = [5, 9, 700]
+    for step in range(12):  # prompts fed one token a step: keys grow past the window, sizes 4 then 1
+        live = [0, 1, 2] if step < 8 else [2]
+        args = ([tokens[i] for i in live], [step] * len(live), [tables[i] for i in live])
+        got, got_counts = recorded.step(*args)
+        want, want_counts = eager.step(*args)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+        assert torch.equal(got_counts, want_counts)
+        for i, t in zip(live, want.argmax(-1).tolist(), strict=True):
+            tokens[i] = t
+
+
+def test_the_bf16_engine_on_cuda_graphs_agrees_with_the_eager_torch_kernels(ckpt: Path) -> None:
+    outs = {}
+    for kernels in ("torch", "cuda"):  # cuda: decode steps replayed from CUDA graphs
+        with LLM(ckpt, single_process=True, device=CUDA, dtype="bfloat16", kernels=kernels, **ENGINE) as llm:
+            assert (llm.engine.backend.graphs is not None) == (kernels == "cuda")  # type: ignore[attr-defined]
+            outs[kernels] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert agreement(outs["cuda"], outs["torch"]) > 0.9
 
 
 # ---- the cluster on one GPU with transport gloo (the cluster's CUDA-path issue) ---------------

@@ -90,6 +90,7 @@ class CpuKernels(TorchKernels):
     ) -> torch.Tensor:
         if self.compiled is None or group.key_lens is None or not _fp32_inference(q, k_store):
             return super().decode_attention(q, k_store, v_store, group, scale)
+        group = group.as_slots()
         # [P, Hkv, D] pools read in place (a cache layer's view is contiguous already)
         k_pool, v_pool = k_store.contiguous(), v_store.contiguous()
         return self.compiled.decode_attention(q, k_pool, v_pool, group.k_index, group.key_lens, scale)  # [S, Hq, D]

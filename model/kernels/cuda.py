@@ -31,6 +31,15 @@ from model.kernels.reference import TorchKernels
 class CudaKernels(TorchKernels):
     name = "cuda"
 
+    @staticmethod
+    def sync_free(device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether no kernel here reads the device back, so a step can be recorded as a CUDA graph:
+        bf16 on sm90 / sm100, where `_grouped_mm` is CUTLASS's (elsewhere torch's fallback reads
+        the offsets back)."""
+        return (
+            device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+        )
+
     def experts(
         self, x: torch.Tensor, local_expert: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     ) -> torch.Tensor:
@@ -54,4 +63,6 @@ class CudaKernels(TorchKernels):
             return super().decode_attention(q, k_store, v_store, group, scale)
         from model.kernels.triton_attention import paged_decode_attention  # Triton only where it runs
 
-        return paged_decode_attention(q.contiguous(), k_store, v_store, group.k_index, group.key_lens, scale)
+        # [S, Hq, D]: k_index lists slots (block_size 1) or block tables (a graph's decode step)
+        return paged_decode_attention(q.contiguous(), k_store, v_store, group.k_index, group.key_lens, scale,
+                                      group.key_first, group.block_size)  # fmt: skip

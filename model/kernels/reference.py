@@ -80,7 +80,7 @@ class TorchKernels:
         self, q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, group: AttentionGroup, scale: float
     ) -> torch.Tensor:
         """One query per sequence: q [S, Hq, D] -> [S, Hq, D]; each sees its first `key_lens` keys."""
-        return self.group_attention(q[:, None], k_store, v_store, group, scale)[:, 0]
+        return self.group_attention(q[:, None], k_store, v_store, group.as_slots(), scale)[:, 0]
 
     def group_attention(
         self, q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, group: AttentionGroup, scale: float

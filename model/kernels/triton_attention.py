@@ -5,11 +5,16 @@ head), D = head dim, P = key slots of the pool, Tk = key slots listed per sequen
 
 The reference gathers every sequence's keys and values out of the pool (`k_store[k_index]`, a
 copy of [S, Tk, Hkv, D] per layer) and runs SDPA on the copy. This kernel reads the pool where
-it is: program (s, h) walks sequence s's first `key_lens[s]` slots of `k_index[s]` in blocks
-of BLOCK_N keys, loads those rows of kv head h straight from the pool, and keeps a running
-softmax (max, sum and weighted values in fp32) for the G query heads that share head h, so each
-key and value row is read once per step. Slots past `key_lens[s]` are never read, so a padded
-`k_index` (a fixed shape, as a CUDA graph needs) costs nothing.
+it is: program (s, h) walks sequence s's `key_lens[s]` keys in blocks of BLOCK_N, finds each
+one's slot through the sequence's row of `tables`, loads that row of kv head h straight from
+the pool, and keeps a running softmax (max, sum and weighted values in fp32) for the G query
+heads that share head h, so each key and value row is read once per step.
+
+Key j of sequence s is at position p = first[s] + j and lies in slot
+tables[s, p // B] * B + p % B: with B the cache's block size, `tables` are the block tables
+(a CUDA graph's fixed-shape input); with B = 1 and first = 0, `tables` lists the slots
+themselves (the planner's `k_index`). Entries past a sequence's keys are never read, so
+padded tables cost nothing.
 
 Triton is imported here only: the module is loaded by `CudaKernels` on a GPU, and by the tests
 on CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is imported).
@@ -22,12 +27,13 @@ import triton
 import triton.language as tl
 
 
-@triton.jit  # type: ignore[misc]
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    index_ptr,
+    tables_ptr,
+    first_ptr,
     lens_ptr,
     out_ptr,
     scale,
@@ -37,9 +43,10 @@ def _decode_kernel(
     stride_kh,
     stride_vp,
     stride_vh,
-    stride_is,
+    stride_ts,
     stride_os,
     stride_oh,
+    B: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -57,13 +64,16 @@ def _decode_kernel(
     q_mask = g_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)  # [BG, BD]
     n_keys = tl.load(lens_ptr + s)
+    first = tl.load(first_ptr + s)
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max of the scores
     total = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp(score - m) * value
     for start in range(0, n_keys, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = n < n_keys
-        slots = tl.load(index_ptr + s * stride_is + n, mask=n_ok, other=0)  # [BN] pool slots
+        pos = first + n  # [BN] key positions
+        blocks = tl.load(tables_ptr + s * stride_ts + pos // B, mask=n_ok, other=0)  # [BN]
+        slots = blocks.to(tl.int64) * B + pos % B  # [BN] pool slots
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + slots[:, None] * stride_kp + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BG, BN] fp32
@@ -84,13 +94,16 @@ def paged_decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    k_index: torch.Tensor,
+    tables: torch.Tensor,
     key_lens: torch.Tensor,
     scale: float,
+    first: torch.Tensor | None = None,
+    block_size: int = 1,
     block_n: int = 64,
 ) -> torch.Tensor:
-    """q [S, Hq, D] against pools [P, Hkv, D]; sequence s sees slots k_index[s, :key_lens[s]]
-    (k_index [S, Tk], key_lens [S], both on q's device, key_lens >= 1) -> [S, Hq, D]."""
+    """q [S, Hq, D] against pools [P, Hkv, D] -> [S, Hq, D]. Sequence s sees its key_lens[s] >= 1
+    keys at positions first[s] (default 0) onwards, through its row of `tables` [S, W] with
+    `block_size` B (the module docstring); all on q's device."""
     s, hq, d = q.shape
     hkv = k_pool.shape[1]
     if hq % hkv:
@@ -102,14 +115,15 @@ def paged_decode_attention(
     if s == 0:
         return out
     group = hq // hkv
-    k_index = k_index.contiguous()
+    tables = tables.contiguous()
+    first = torch.zeros_like(key_lens) if first is None else first
     # tl.dot wants each side at least 16 wide; exact fp32 products where the model is fp32
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_kernel[(s, hkv)](
-        q, k_pool, v_pool, k_index, key_lens, out, scale,
+        q, k_pool, v_pool, tables, first, key_lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        k_index.stride(0), out.stride(0), out.stride(1),
-        G=group, D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_N=block_n, PRECISION=precision,
+        tables.stride(0), out.stride(0), out.stride(1),
+        B=block_size, G=group, D=d, BLOCK_N=block_n, PRECISION=precision,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
     )  # fmt: skip
     return out

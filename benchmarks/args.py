@@ -23,9 +23,9 @@ SOAK_DESCRIPTION = (
     "requests; fails if KV blocks, memory or actors grow or a greedy answer changes."
 )
 QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1,
-         "roofline_rounds": 3, "prefix_len": 512}  # fmt: skip
+         "roofline_rounds": 3, "prefix_len": 512, "roofline_batch": 8}  # fmt: skip
 FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2,
-        "roofline_rounds": 8, "prefix_len": 2000}  # fmt: skip
+        "roofline_rounds": 8, "prefix_len": 2000, "roofline_batch": 32}  # fmt: skip
 
 
 def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -50,8 +50,10 @@ def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="the engine's kernels (default auto: the compiled CPU loops on CPU float32)")  # fmt: skip
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads of this process (transformers and the single-process engine)")  # fmt: skip
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "latency", "roofline", "prefix", "skewed"],
-                   help="parts to leave out")  # fmt: skip
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["hf", "latency", "roofline", "prefix", "skewed", "cluster"],
+                   help="parts to leave out; 'cluster' leaves out every part that starts workers (the cluster's "
+                   "throughput and breakdown, skewed, latency)")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here, with .md and .png files beside it")
     return p
 

@@ -104,6 +104,12 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Median step / floor of its round: **{rf['ratio']:.2f}x**. Against the best bandwidth of "
                   f"the run ({rf['bandwidth_gb_s']:.1f} GB/s, floor {rf['floor_ms']:.2f} ms), the median step "
                   f"({rf['measured_ms']:.2f} ms) is {rf['ratio_vs_best']:.2f}x."]  # fmt: skip
+    rb = r.get("roofline_batch")
+    if rb:
+        lines += ["", f"A decode step of {rb['batch']} sequences reads {rb['experts_read']:.1f} experts per layer "
+                  f"(expected, uniform routing): {rb['bytes_per_step'] / 1e6:.1f} MB, floor {rb['floor_ms']:.2f} ms "
+                  f"at {rb['bandwidth_gb_s']:.1f} GB/s; the step takes {rb['step_ms']:.2f} ms: "
+                  f"**{rb['ratio']:.2f}x** its floor."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

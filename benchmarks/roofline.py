@@ -26,15 +26,23 @@ from cluster.llm import LLM
 from model.config import ModelConfig
 
 
-def decode_bytes(config: ModelConfig, itemsize: int) -> int:
-    """Weight bytes one token's decode step reads at batch 1."""
+def experts_read(config: ModelConfig, batch: int) -> float:
+    """Expected distinct experts a layer reads for `batch` tokens, each routed to K of E uniformly:
+    E * (1 - (1 - K/E)^batch); K at batch 1, nearly all E at 32 tokens of Mixtral."""
+    e, k = config.num_experts, config.experts_per_token
+    return e * (1 - (1 - k / e) ** batch)
+
+
+def decode_bytes(config: ModelConfig, itemsize: int, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` sequences reads (each expert once, however many of
+    the batch's tokens it takes; the KV cache is left out: at these lengths it is < 1% of it)."""
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     attention = h * q + 2 * h * kv + q * h + 2 * h  # wq, wk, wv, wo, two norms
-    experts = config.experts_per_token * 3 * h * config.intermediate_size
+    experts = experts_read(config, batch) * 3 * h * config.intermediate_size
     gate = config.num_experts * h
     per_layer = attention + experts + gate
     head = config.vocab_size * h + h + h  # lm_head, final norm, one embedding row
-    return itemsize * (config.num_layers * per_layer + head)
+    return int(itemsize * (config.num_layers * per_layer + head))
 
 
 def memory_bandwidth(nbytes: int = 1 << 29, device: str = "cpu", repeats: int = 5) -> float:
@@ -55,12 +63,30 @@ def memory_bandwidth(nbytes: int = 1 << 29, device: str = "cpu", repeats: int = 
 
 def batch1_decode_ms(llm: LLM, prompt: list[int], new_tokens: int) -> float:
     """Median milliseconds of a decode step with one sequence."""
-    llm.generate([prompt[:8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    return decode_step_ms(llm, [prompt], new_tokens)
+
+
+def decode_step_ms(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Median milliseconds of a decode step with all of `prompts` decoding (one step holds them all)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([p[:8] for p in prompts], params.model_copy(update={"max_tokens": 4}))  # warm-up
     llm.profile(True)
-    llm.generate([prompt], SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+    llm.generate(prompts, params)
     records = llm.step_profile()["engine"]
     llm.profile(False)
-    return 1000 * statistics.median(r["wall"] for r in records if r["decode"])
+    full = [r["wall"] for r in records if r["decode"] and r["seqs"] == len(prompts)]
+    return 1000 * statistics.median(full or [r["wall"] for r in records if r["decode"]])
+
+
+def batched_decode(
+    llm: LLM, prompts: list[list[int]], config: ModelConfig, itemsize: int, bandwidth: float, new_tokens: int
+) -> dict[str, Any]:
+    """A decode step of len(prompts) sequences against the floor of the weights it reads."""
+    nbytes = decode_bytes(config, itemsize, len(prompts))
+    ms = decode_step_ms(llm, prompts, new_tokens)
+    floor = 1000 * nbytes / bandwidth
+    return {"batch": len(prompts), "experts_read": experts_read(config, len(prompts)), "bytes_per_step": nbytes,
+            "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor, "step_ms": ms, "ratio": ms / floor}  # fmt: skip
 
 
 def paired_rounds(

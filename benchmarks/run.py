@@ -18,6 +18,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 size["roofline_rounds"],
                 max(new_tokens, 32),
             )
+            batch = mixed_prompts(size["roofline_batch"], 16, 16, config.vocab_size, seed=4)
+            logger.info("roofline: a decode step of %d sequences against the weights it reads", len(batch))
+            bandwidth = throughput.on_own_thread(lambda: roofline.memory_bandwidth(device=args.device))
+            result["roofline_batch"] = roofline.batched_decode(single, batch, config, itemsize, bandwidth, 32)
+
+    if "cluster" not in args.skip:
+        cluster_parts(args, ckpt, config, layout, engine, prompts, size, result, runs)
+    for name, r in runs.items():
+        result["throughput_tok_s"][name] = r.tokens_per_s()
+        result["throughput_seconds"][name] = r.seconds
+    for name in ("hf", "cluster"):
+        if name in runs:
+            result["agreement"][f"single vs {name}"] = throughput.agreement(runs["single"].outputs, runs[name].outputs)
+    return result
+
+
+def cluster_parts(
+    args: argparse.Namespace,
+    ckpt: Path,
+    config: ModelConfig,
+    layout: Layout,
+    engine: dict[str, Any],
+    prompts: list[list[int]],
+    size: dict[str, int],
+    result: dict[str, Any],
+    runs: dict[str, throughput.Run],
+) -> None:
+    """Everything that starts workers: the cluster's throughput and step breakdown, the skewed
+    load, the data plane against the raw collectives and the serving latency."""
+    new_tokens, dtype = args.new_tokens or size["new_tokens"], torch_dtype(args.dtype)
+    n_prompts, max_len = len(prompts), args.max_len or size["max_len"]
 
     import ray
 
@@ -122,13 +154,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_layer = result["breakdown"]["data_plane_median"] / config.num_layers  # medians, as the raw figure
     result["collectives"] = {"data_plane_per_layer_ms": per_layer, "raw_per_layer_ms": raw, "ratio": per_layer / raw}
 
-    for name, r in runs.items():
-        result["throughput_tok_s"][name] = r.tokens_per_s()
-        result["throughput_seconds"][name] = r.seconds
-    for name in ("hf", "cluster"):
-        if name in runs:
-            result["agreement"][f"single vs {name}"] = throughput.agreement(runs["single"].outputs, runs[name].outputs)
-
     if "latency" not in args.skip:
         logger.info("serving latency at concurrency %s", args.concurrency)
         result["latency"] = latency.serving_latency(
@@ -137,7 +162,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
     if ray.is_initialized():
         ray.shutdown()
-    return result
 
 
 def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None) -> int:

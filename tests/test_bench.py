@@ -35,6 +35,8 @@ def test_bench_quick_on_tiny_writes_json_markdown_and_plots(tmp_path: Path) -> N
     assert b["tokens_per_step"] == 8  # the quick decode batch
     assert r["collectives"]["raw_per_layer_ms"] > 0
     assert r["roofline"]["floor_ms"] > 0 and r["roofline"]["ratio"] > 0
+    rb = r["roofline_batch"]
+    assert rb["batch"] == 8 and rb["bytes_per_step"] > r["roofline"]["bytes_per_step"] and rb["step_ms"] > 0
     sk = r["skewed"]
     assert sk["before"]["imbalance"] >= 2 > 1.3 >= sk["after"]["imbalance"]  # one hot group, then even
     assert sk["before"]["tokens_per_s"] > 0 and sk["after"]["tokens_per_s"] > 0 and sk["rebalance"]["moved"] > 0
@@ -46,12 +48,28 @@ def test_bench_quick_on_tiny_writes_json_markdown_and_plots(tmp_path: Path) -> N
     assert "| single-process engine |" in out.with_suffix(".md").read_text()
 
 
+def test_bench_without_the_cluster_starts_no_workers(tmp_path: Path) -> None:
+    """--skip cluster: what a one-GPU machine runs with the NCCL data plane (the single-process parts)."""
+    out = tmp_path / "single.json"
+    args = ["--quick", "--preset", "tiny", "--cache-dir", str(tmp_path / "ckpt"), "--prompts", "2", "--new-tokens",
+            "4", "--max-len", "24", "--threads", "1", "--skip", "hf", "prefix", "roofline", "cluster",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert set(r["throughput_tok_s"]) == {"single"}
+    assert not {"breakdown", "skewed", "latency", "collectives"} & set(r)
+    assert "| single-process engine |" in out.with_suffix(".md").read_text()
+
+
 def test_decode_bytes_counts_what_one_token_reads() -> None:
     cfg = ModelConfig.preset("mini")
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     attention = h * 512 + 2 * h * 128 + 512 * h + 2 * h  # 8 heads x 64, 2 kv heads x 64
     per_layer = attention + 2 * 3 * h * i + 8 * h  # two experts hit, the gate
     assert decode_bytes(cfg, 4) == 4 * (8 * per_layer + v * h + 2 * h)
+    # 32 tokens read each expert that any of them is routed to: 8 * (1 - (6/8)^32) = 7.99 experts
+    read = 8 * (1 - 0.75**32)
+    assert decode_bytes(cfg, 4, batch=32) == int(4 * (8 * (per_layer + (read - 2) * 3 * h * i) + v * h + 2 * h))
 
 
 def test_breakdown_parts_add_up_to_the_step() -> None:

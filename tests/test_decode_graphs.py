@@ -25,6 +25,7 @@ from protocol.config import EngineSection
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
 BLOCK = 4
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +35,25 @@ def ckpt(checkpoint_factory: Any) -> Path:
 
 @pytest.mark.parametrize("kernels", [TorchKernels(), CudaKernels()], ids=["torch", "cuda"])
 def test_fixed_shape_decode_steps_equal_the_models_forward(ckpt: Path, kernels: TorchKernels) -> None:
-    model = load_model(ckpt, kernels=kernels)
+    model = load_model(ckpt, device=DEVICE, kernels=kernels)
     cfg = model.config
     prompts = [[1, *range(5, 5 + n)] for n in (3, 17, 9)]  # one of them past the window
     blocks = 40
-    caches = [KVCache.allocate(cfg, blocks + 1, BLOCK, torch.float32, "cpu") for _ in range(2)]  # + the scratch block
+    caches = [KVCache.allocate(cfg, blocks + 1, BLOCK, torch.float32, DEVICE) for _ in range(2)]  # + a scratch block
     graphs = DecodeGraphs(model, caches[1], max_model_len=64, max_seqs=8, capture=False, sizes=(1, 2, 4, 8))
     tables = [list(range(i * 12, i * 12 + 12)) for i in range(3)]  # 12 blocks (48 positions) each
     with torch.inference_mode():
         for cache in caches:  # the same prefill in both caches
-            tokens = torch.tensor([t for p in prompts for t in p])
-            positions = torch.tensor([i for p in prompts for i in range(len(p))])
+            tokens = torch.tensor([t for p in prompts for t in p], device=DEVICE)
+            positions = torch.tensor([i for p in prompts for i in range(len(p))])  # on the host, as `pack` leaves them
             last = model(tokens, positions, [len(p) for p in prompts], CacheBatch(cache, tables))
-        nxt = last[torch.tensor([len(p) for p in prompts]).cumsum(0) - 1].argmax(-1).tolist()
+        nxt = last[torch.tensor([len(p) for p in prompts], device=DEVICE).cumsum(0) - 1].argmax(-1).tolist()
         lens = [len(p) for p in prompts]
         for step in range(6):
             live = [0, 1, 2] if step < 4 else [1]  # 3 sequences padded to 4, then one alone
             toks, pos = [nxt[i] for i in live], [lens[i] for i in live]
-            counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
-            want = model(torch.tensor(toks), torch.tensor(pos), [1] * len(live),
+            counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=DEVICE)
+            want = model(torch.tensor(toks, device=DEVICE), torch.tensor(pos), [1] * len(live),
                          CacheBatch(caches[0], [tables[i] for i in live]), expert_counts=counts)  # fmt: skip
             got, got_counts = graphs.step(toks, pos, [tables[i] for i in live])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,22 @@
-"""Shared fixtures: seeded tiny checkpoints written once per session, and torch thread pinning."""
+"""Shared fixtures: seeded tiny checkpoints written once per session, and torch thread pinning.
+
+Without CUDA, Triton runs the GPU kernels' Triton code in its interpreter. Triton reads
+TRITON_INTERPRET when it is first imported (its own library functions are decorated then), and
+transformers imports it, so the switch is set here, before any test module imports anything.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # torch itself does not import triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from model import ModelConfig, write_random_checkpoint
 from tests.helpers import GRID_BASE

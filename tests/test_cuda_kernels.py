@@ -1,20 +1,16 @@
 """The GPU kernels (`model/kernels/cuda.py`) against the reference, on whatever device is here.
 
 Without CUDA they run on CPU: the grouped expert matmul through torch's CPU `_grouped_mm`, the
-Triton decode attention through Triton's interpreter (set before the kernel module is first
-imported). The same checks on a GPU are in tests/test_gpu.py.
+Triton decode attention through Triton's interpreter (TRITON_INTERPRET, which tests/conftest.py
+sets before anything imports triton). On a GPU the same tests run on CUDA.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_attention (imported below) decorates its kernel
 
 from model.attention_plan import AttentionGroup
 from model.generate import generate

@@ -5,15 +5,11 @@ what the reference does. The recording itself needs a GPU: tests/test_gpu.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the cuda kernels' Triton code, interpreted on CPU
 
 from cluster.engine import Engine, LocalBackend, SamplingParams
 from model.decode_graphs import DecodeGraphs

@@ -108,7 +108,7 @@ def plan_attention(
             k_pos = q_pos
             k_index = torch.arange(start, start + n, device=device)
         else:
-            lo = 0 if window is None else max(0, first - window + 1)
+            lo = first_visible(first, window)
             k_pos = torch.arange(lo, first + n, device=device)  # [Tk] every position the queries may see
             k_index = _slots(block_tables[s], lo, first + n, block_size, s, device)
             write_slots.append(k_index[-n:])
@@ -129,6 +129,11 @@ def plan_attention(
         groups.append(AttentionGroup(rows, k_index, _mask(q_pos, k_pos, window), key_lens))
     slots = torch.cat(write_slots) if block_tables is not None else None
     return AttentionPlan(groups, slots)
+
+
+def first_visible(position: int, window: int | None) -> int:
+    """The first key position a query at `position` sees (all from 0 without a window)."""
+    return 0 if window is None else max(0, position - window + 1)
 
 
 def _length_buckets(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model.attention_plan import AttentionGroup, AttentionPlan
+from model.attention_plan import AttentionGroup, AttentionPlan, first_visible
 from model.kernels import CudaKernels
 from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
@@ -52,7 +52,7 @@ class DecodeGraphs:
                              f"not {model.kernels.name!r}")  # fmt: skip
         cfg = model.config
         device = cache.k.device
-        self.model, self.cache, self.capture = model, cache, capture
+        self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.scratch_block = cache.num_blocks - 1  # the block the scheduler does not manage
         self.sizes = sorted({s for s in sizes if s < max_seqs} | {min(max_seqs, max(sizes))})
@@ -92,7 +92,7 @@ class DecodeGraphs:
         host[:, n:size] = torch.tensor([0, 0, 0, 1, scratch * b, 0])[:, None]  # padding rows: one key, in scratch
         tables[n:size] = scratch
         for i, (token, pos, table) in enumerate(zip(tokens, positions, block_tables, strict=True)):
-            first = 0 if window is None else max(0, pos - window + 1)
+            first = first_visible(pos, window)
             host[:, i] = torch.tensor([token, pos, first, pos - first + 1, table[pos // b] * b + pos % b, 1])
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         for dst, src in zip((self.tokens, self.positions, self.first, self.key_lens, self.write_slots,

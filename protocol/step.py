@@ -138,7 +138,7 @@ class Sampler:
                     out.append(Sampled(c.request_id, None, prompt_logprobs=scored))
                     continue
                 row = logits[hi - 1]  # [V]
-                if i in greedy and not c.forks and c.logprobs is None:
+                if i in greedy:
                     out.append(Sampled(c.request_id, greedy[i], None, scored))
                     continue
                 out.append(self._draw(c.request_id, c.params.seed, c, row, scored))
@@ -149,10 +149,15 @@ class Sampler:
 
     @staticmethod
     def _greedy_tokens(batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> dict[int, int]:
-        """The greedy chunks' tokens, chunk index -> token, from one argmax and one read back: on a
-        GPU each `int(argmax)` would wait for the device once per sequence."""
-        chunks = [i for i, (c, (lo, hi)) in enumerate(zip(batch.chunks, spans, strict=True))
-                  if lo < hi and c.params is not None and c.params.greedy]  # fmt: skip
+        """The tokens of the chunks that draw one greedy token and report nothing else (no forks,
+        no logprobs), chunk index -> token, from one argmax and one read back: on a GPU each
+        `int(argmax)` would wait for the device once per sequence."""
+
+        def plain_greedy(c: SeqChunk) -> bool:
+            return c.params is not None and c.params.greedy and not c.forks and c.logprobs is None
+
+        pairs = enumerate(zip(batch.chunks, spans, strict=True))
+        chunks = [i for i, (c, (lo, hi)) in pairs if lo < hi and plain_greedy(c)]
         if not chunks:
             return {}
         last = torch.tensor([spans[i][1] - 1 for i in chunks], device=logits.device)  # [G]

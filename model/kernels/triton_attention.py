@@ -17,7 +17,8 @@ themselves (the planner's `k_index`). Entries past a sequence's keys are never r
 padded tables cost nothing.
 
 Triton is imported here only: the module is loaded by `CudaKernels` on a GPU, and by the tests
-on CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is imported).
+on CPU under Triton's interpreter (`TRITON_INTERPRET=1`, which must be set before anything
+imports triton: tests/conftest.py does).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ from a background thread for streaming.
 
 `Engine.add_request` is the one place a request is checked: anything that can never run raises
 `RequestError`, which names the OpenAI field (`param`) to blame.
+
+A constrained request (`SamplingParams.structured`) comes with its compiled `Grammar`; each of
+its choices keeps a matcher here, beside its tokens, and every draw carries the matcher's
+allowed-token bitmask to the shard that samples it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pydantic import Field
 from cluster.placement import layer_imbalance
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
+from cluster.structured import Grammar, StructuredOutput, bitmask
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import CacheBatch, KVCache
@@ -51,6 +56,13 @@ class SamplingParams(ModelSamplingParams):
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per sampled token, + alternatives
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token (not the first)
+    min_tokens: int = Field(default=0, ge=0)  # no eos, stop token or stop string before this many tokens (vLLM's)
+    bad_token_ids: list[int] = Field(default_factory=list)  # never drawn (a tool call's token under tool_choice none)
+    structured: StructuredOutput | None = None  # the output must match this grammar (compiled by the caller)
+
+    def draw_params(self) -> ModelSamplingParams:
+        """What a shard needs to draw (sent with every step; stop rules and the grammar stay here)."""
+        return ModelSamplingParams(**self.model_dump(include=set(ModelSamplingParams.model_fields) - {"max_tokens"}))
 
 
 class EngineError(RuntimeError):
@@ -220,6 +232,7 @@ class _Choice:
     seq: SchedSeq
     index: int
     decoder: IncrementalDecoder | None  # None: the model has no tokenizer, its text stays empty
+    matcher: Any = None  # llguidance.LLMatcher of a constrained request: advanced with each accepted token
     text: str = ""
     emitted: int = 0  # characters of text already reported
     emitted_tokens: int = 0
@@ -240,6 +253,8 @@ class _Request:
     choices: dict[int, _Choice]  # live choices by index
     pending: list[Draw]  # choices still to fork from choice 0 once its prompt is computed
     unfinished: int  # choices not done, pending ones included
+    draw: ModelSamplingParams  # `params.draw_params()`, what each draw's chunk carries
+    grammar: Grammar | None = None
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
 
 
@@ -287,18 +302,24 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: Sequence[int], params: SamplingParams, grammar: Grammar | None = None
+    ) -> None:
         """Queue a request; `RequestError` for one that can never run (empty, too long, bad token ids,
-        more KV blocks than a shard has, settings out of range)."""
+        more KV blocks than a shard has, settings out of range). A request with `params.structured`
+        comes with its compiled `grammar` (`cluster.structured.Grammars.compile`, off this thread)."""
         choice_ids = [request_id] + [_choice_id(request_id, i) for i in range(1, params.n)]
         if request_id in self.requests or any(c in self._choices for c in choice_ids):
             raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")
         self.check_request(prompt, params, request_id)
+        if (grammar.spec if grammar is not None else None) != params.structured:
+            param = params.structured.param if params.structured is not None else None
+            raise RequestError("params.structured needs its compiled grammar (Grammars.compile), and only it", param)
         reuse = params.prompt_logprobs is None  # every prompt position must be computed to be scored
         seq = self.scheduler.add(request_id, list(prompt), params.max_tokens, reuse=reuse)
         forks = [Draw(cid, None if params.seed is None else params.seed + i) for i, cid in enumerate(choice_ids)]
-        first = _Choice(seq, 0, self._decoder(prompt))
-        req = _Request(request_id, list(prompt), params, {0: first}, forks[1:], params.n)
+        first = _Choice(seq, 0, self._decoder(prompt), grammar.matcher() if grammar is not None else None)
+        req = _Request(request_id, list(prompt), params, {0: first}, forks[1:], params.n, params.draw_params(), grammar)
         self.requests[request_id] = req
         self._choices[request_id] = (req, first)
 
@@ -314,9 +335,15 @@ class Engine:
             raise RequestError("max_tokens must be > 0, except to score a prompt (echo with logprobs, n 1)",
                                "max_tokens")  # fmt: skip
         vocab = self.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
+        checked = {"prompt": prompt, "logit_bias": params.logit_bias, "bad_token_ids": params.bad_token_ids,
+                   "stop_token_ids": params.stop_token_ids}  # fmt: skip
+        for param, ids in checked.items():
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{param} token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", param)
+        if params.min_tokens > params.max_tokens:
+            raise RequestError(f"min_tokens ({params.min_tokens}) exceeds max_tokens ({params.max_tokens})",
+                               "min_tokens")  # fmt: skip
         limit = self.max_model_len
         if len(prompt) >= limit:
             raise RequestError(
@@ -455,17 +482,29 @@ class Engine:
         score = req.params.prompt_logprobs is not None and choice.index == 0 and c.start < prompt_len
         draw = c.sample and req.params.max_tokens > 0
         forks = req.pending if draw and choice.index == 0 and not choice.seq.output else []
-        return SeqChunk(
+        chunk = SeqChunk(
             request_id=c.seq.request_id,
             tokens=c.seq.tokens[c.start : c.end],
             start=c.start,
             block_table=list(c.seq.block_table),
-            params=req.params if draw else None,
+            params=req.draw if draw else None,
             logprobs=req.params.logprobs,
             prompt_logprobs=req.params.prompt_logprobs if score else None,
             next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
             forks=list(forks),
         )
+        if draw:  # the draw's controls; forks draw their first token in the same state as choice 0
+            params, output = req.params, choice.seq.output
+            chunk.banned = list(params.bad_token_ids)
+            if len(output) < params.min_tokens:
+                chunk.banned += [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
+            if choice.matcher is not None:
+                chunk.allowed = bitmask(choice.matcher)
+            if req.draw.penalised:
+                chunk.output = list(output)
+                if req.draw.repetition_penalty != 1.0:
+                    chunk.prompt_seen = sorted(set(req.prompt))
+        return chunk
 
     def _apply(
         self, req: _Request, choice: _Choice, c: Chunk, s: Sampled, results: dict[str, Sampled]
@@ -492,7 +531,8 @@ class Engine:
         for i, draw in enumerate(req.pending, start=1):
             s = results[draw.request_id]
             seq, copy = self.scheduler.fork(first.seq, draw.request_id)
-            choice = _Choice(seq, i, self._decoder(req.prompt))
+            matcher = first.matcher.deep_copy() if first.matcher is not None else None  # before it takes a token
+            choice = _Choice(seq, i, self._decoder(req.prompt), matcher)
             req.choices[i] = choice
             self._choices[draw.request_id] = (req, choice)
             if copy is not None:
@@ -529,9 +569,15 @@ class Engine:
             choice.text += choice.flush()
             reason = "stop"
         else:
+            if choice.matcher is not None and not choice.matcher.consume_token(s.token):
+                raise RequestFailed(f"token {s.token} breaks the grammar: {choice.matcher.get_error()}")
             choice.text += choice.push(s.token)
-            cut = _first_stop(choice.text, params.stop, max(0, choice.emitted - _longest(params.stop)))
-            if cut is not None:
+            stops = params.stop if len(seq.output) >= params.min_tokens else []
+            cut = _first_stop(choice.text, stops, max(0, choice.emitted - _longest(stops)))
+            if choice.matcher is not None and choice.matcher.is_stopped():  # the grammar is complete
+                choice.text += choice.flush()
+                reason = "stop"
+            elif cut is not None:
                 choice.text = choice.text[:cut]
                 reason = "stop"
             elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:

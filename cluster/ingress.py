@@ -156,14 +156,14 @@ class Ingress:
         self.counters.requests.labels(route, "200").inc()
         prompt_tokens = sum(s.head.prompt_tokens for s in started)
         self.counters.prompt_tokens.inc(prompt_tokens)
-        wants_logprobs = req.logprobs is not None if isinstance(req, CompletionRequest) else req.logprobs
+        wants_logprobs = req.logprobs is not None if isinstance(req, CompletionRequest) else bool(req.logprobs)
         echo = isinstance(req, CompletionRequest) and req.echo
         reply = Reply(request_id, self.model_name, started[0].head.replica, chat, wants_logprobs, echo)
-        if req.stream:
+        if req.streamed:
             sse = self._sse(started, reply, prompt_tokens, req.include_usage)
             return StreamingResponse(sse, media_type="text/event-stream")
         try:
-            choices, cached = await self._collect(started, req.n, echo)
+            choices, cached = await self._collect(started, req.choices, echo)
         except APIError as e:
             return _error(e, retry)
         completion = sum(len(c.token_ids) for c in choices)
@@ -202,7 +202,8 @@ class Ingress:
             if isinstance(refused, Failure):
                 raise refused.error()
             raise refused if isinstance(refused, APIError) else _unavailable(refused)
-        return [_Started(g, h, i * req.n) for i, (g, h) in enumerate(zip(gens, heads, strict=True))], request_id
+        n = req.choices
+        return [_Started(g, h, i * n) for i, (g, h) in enumerate(zip(gens, heads, strict=True))], request_id
 
     async def _updates(self, gen: Any) -> AsyncIterator[Update]:
         """Updates from the model copy, timed for the latency histograms; cancels it if abandoned."""
@@ -288,7 +289,14 @@ class Ingress:
                     elif reply.echo:
                         echo = prompt_logprobs.get(s.first_index, [])
                         yield _sse(reply.chunk(index, text=s.head.prompt_text, prompt=echo))
-                if u.text or u.finish_reason or u.logprobs:
+                if u.tool_calls:  # OpenAI's deltas: a call's index, id and name first, then its arguments
+                    for i, call in enumerate(u.tool_calls):
+                        head = call.openai(i) | {"function": {"name": call.name, "arguments": ""}}
+                        yield _sse(reply.chunk(index, delta={"tool_calls": [head]}))
+                        arguments = {"index": i, "function": {"arguments": call.arguments}}
+                        yield _sse(reply.chunk(index, delta={"tool_calls": [arguments]}))
+                    yield _sse(reply.chunk(index, delta={}, reason=u.finish_reason))
+                elif u.text or u.finish_reason or u.logprobs:
                     yield _sse(reply.chunk(index, text=u.text, reason=u.finish_reason, logprobs=u.logprobs))
         except APIError as e:
             yield _sse(e.body())
@@ -377,13 +385,26 @@ class Ingress:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
             data["prompt"] = list(request.prompt_token_ids) if request.prompt_token_ids else request.prompt
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", *_GRPC_CONTROLS):
             if request.HasField(name):
                 data[name] = getattr(request, name)
         if request.stop:
             data["stop"] = list(request.stop)
+        if request.logit_bias:
+            data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
+        given = {"json": request.json_schema, "regex": request.regex, "choice": list(request.choice),
+                 "grammar": request.grammar}  # fmt: skip
+        given = {key: value for key, value in given.items() if value}
+        if given:
+            data["structured_outputs"] = given  # more than one: refused, naming the second
+        if request.json_object:
+            data["response_format"] = {"type": "json_object"}
         started, _ = await self._start(_parse(data, chat))
         return started
+
+
+# GenerateRequest's optional sampling controls, named as the HTTP fields.
+_GRPC_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens")
 
 
 async def _head(gen: Any) -> Head | Failure:
@@ -423,7 +444,12 @@ def _parse(data: dict[str, Any], chat: bool) -> OpenAIRequest:
 def _calls(req: OpenAIRequest, request_id: str) -> list[GenerateCall]:
     """The request as the model copies receive it: one call per prompt of a completions batch."""
     if isinstance(req, ChatCompletionRequest):
-        return [GenerateCall(id=request_id, messages=req.messages, params=req.sampling(CHAT_DEFAULT_MAX_TOKENS))]
+        return [
+            GenerateCall(
+                id=request_id, messages=req.messages, params=req.sampling(CHAT_DEFAULT_MAX_TOKENS), tools=req.tools,
+                tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False,
+            )
+        ]  # fmt: skip
     params = req.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
     prompts = req.prompts
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]

@@ -38,6 +38,7 @@ from cluster.engine import (
 )
 from cluster.kv_cache import blocks_for_budget
 from cluster.placement import Layout, worker_setup
+from cluster.structured import Grammar, GrammarError, Grammars
 from model.config import ModelConfig
 from model.kernels import CudaKernels
 from model.loader import load_model
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 MAINTENANCE_S = 0.05  # how often an idle engine loop tends to a re-placement under way
 OnOutput = Callable[[RequestOutput], None]
+Submission = tuple[str, list[int], SamplingParams, OnOutput, Grammar | None]  # id, prompt, params, callback, grammar
 
 
 class EngineLoop:
@@ -69,25 +71,24 @@ class EngineLoop:
         self.engine = made.result()
 
     def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OnOutput
-    ) -> concurrent.futures.Future[None]:
+        self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OnOutput,
+        grammar: Grammar | None = None,
+    ) -> concurrent.futures.Future[None]:  # fmt: skip
         """Queue a request; the future fails with RequestError (bad request) or EngineError (engine down)."""
-        return self.submit_all([(request_id, prompt, params, on_output)])[0]
+        return self.submit_all([(request_id, prompt, params, on_output, grammar)])[0]
 
-    def submit_all(
-        self, requests: Sequence[tuple[str, list[int], SamplingParams, OnOutput]]
-    ) -> list[concurrent.futures.Future[None]]:
+    def submit_all(self, requests: Sequence[Submission]) -> list[concurrent.futures.Future[None]]:
         """Queue requests as one command, so the first step already schedules all of them."""
         futures: list[concurrent.futures.Future[None]] = [concurrent.futures.Future() for _ in requests]
 
         def add_all() -> None:
-            for (request_id, prompt, params, on_output), fut in zip(requests, futures, strict=True):
+            for (request_id, prompt, params, on_output, grammar), fut in zip(requests, futures, strict=True):
                 if self.error is not None:
                     fut.set_exception(EngineError(self.error))
                     continue
                 try:
-                    self.engine.add_request(request_id, prompt, params)
-                except RequestError as e:
+                    self.engine.add_request(request_id, prompt, params, grammar)
+                except Exception as e:  # RequestError, or a bug: the caller hears of it rather than waits
                     fut.set_exception(e)
                     continue
                 self._subscribers[request_id] = on_output
@@ -260,6 +261,8 @@ class LLM:
         self.engine = self._loop.engine
         self._ids = itertools.count()
         self._closed = False
+        self._grammars: Grammars | None = None  # built on the first structured request (~0.2 s)
+        self._grammars_lock = threading.Lock()
 
     @property
     def backend(self) -> Backend:
@@ -272,11 +275,14 @@ class LLM:
             return list(prompt)
         return self._tokenizer_for("prompt").encode(prompt)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of an OpenAI-style conversation in the Mistral chat format; `RequestError`
-        (param `messages`) for one that format cannot hold, or when the model has no tokenizer."""
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of an OpenAI-style conversation (and the tools it may call) in the Mistral chat
+        format; `RequestError` (param `messages`) for one that format cannot hold, or when the model
+        has no tokenizer."""
         try:
-            return self._tokenizer_for("messages").encode_chat(messages)
+            return self._tokenizer_for("messages").encode_chat(messages, tools)
         except ChatFormatError as e:
             raise RequestError(str(e), "messages") from e
 
@@ -295,6 +301,21 @@ class LLM:
         except UnicodeDecodeError:
             text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text, list(raw)
+
+    def grammar(self, params: SamplingParams) -> Grammar | None:
+        """The compiled grammar of a structured request (None for a free one); `RequestError` naming
+        the field for a grammar that cannot be compiled. Compiling takes this thread, never the
+        engine loop's; the same spec compiles once."""
+        if params.structured is None:
+            return None
+        with self._grammars_lock:
+            if self._grammars is None:
+                tokenizer = self._tokenizer_for(params.structured.param)
+                self._grammars = Grammars(tokenizer, self.model_config.vocab_size)
+        try:
+            return self._grammars.compile(params.structured)
+        except GrammarError as e:
+            raise RequestError(e.message, e.param, "invalid_grammar") from e
 
     def _tokenizer_for(self, param: str) -> Tokenizer:
         if self.tokenizer is None:
@@ -320,8 +341,9 @@ class LLM:
                     if remaining == 0:
                         all_done.set()
 
+        grammar = self.grammar(params)
         futures = self._loop.submit_all(
-            [(rid, self.encode(p), params, on_output) for rid, p in zip(ids, prompts, strict=True)]
+            [(rid, self.encode(p), params, on_output, grammar) for rid, p in zip(ids, prompts, strict=True)]
         )
         try:
             for f in futures:
@@ -363,7 +385,9 @@ class LLM:
         def on_output(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(updates.put_nowait, out)
 
-        await asyncio.wrap_future(self._loop.submit(rid, self.encode(prompt), params or SamplingParams(), on_output))
+        params = params or SamplingParams()
+        grammar = await asyncio.to_thread(self.grammar, params) if params.structured is not None else None
+        await asyncio.wrap_future(self._loop.submit(rid, self.encode(prompt), params, on_output, grammar))
         return self._updates(rid, updates)
 
     async def _updates(self, rid: str, updates: asyncio.Queue[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:

@@ -20,6 +20,7 @@ from cluster.llm import LLM
 from cluster.openai_protocol import APIError
 from cluster.serve_config import ServeConfig
 from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.tool_calls import ToolCallReader, constrain
 from protocol.step import TokenLogprobs
 
 
@@ -40,25 +41,33 @@ class LLMServer:
         """First a `Head` (or a `Failure`), then an `Update` per engine step and choice (or a `Failure`)."""
         need = 0
         try:
+            params, readers = call.params, None
             if call.messages is not None:
-                prompt = self.llm.encode_chat([m.model_dump() for m in call.messages])
+                tools = [t.model_dump(exclude_none=True) for t in call.tools or []]
+                tool_calls_id = self.llm.tokenizer.tool_calls_id if self.llm.tokenizer is not None else None
+                params = constrain(params, call.tools, call.tool_choice, call.parallel_tool_calls, tool_calls_id)
+                prompt = self.llm.encode_chat([m.mistral() for m in call.messages], tools)
+                if tools and call.tool_choice != "none":
+                    assert tool_calls_id is not None  # constrain refused tools without it
+                    readers = {i: ToolCallReader(tool_calls_id) for i in range(params.n)}
             else:
                 assert call.prompt is not None  # GenerateCall holds one or the other
                 prompt = self.llm.encode(call.prompt)
-            self.llm.check_request(prompt, call.params)
-            need = len(prompt) + call.params.n * call.params.max_tokens
+            self.llm.check_request(prompt, params)
+            need = len(prompt) + params.n * params.max_tokens
             if self.demand + need > self.token_budget and self.demand > 0:
                 need = 0
                 raise APIError(429, "this model copy is at capacity (KV cache and queue); retry shortly",
                                code="overloaded")  # fmt: skip
             self.demand += need
             echoed = "" if not call.echo else call.prompt if isinstance(call.prompt, str) else self.llm.decode(prompt)
-            updates = await self.llm.open_stream(prompt, call.params, request_id=call.id)
+            updates = await self.llm.open_stream(prompt, params, request_id=call.id)
             try:
                 yield Head(prompt_tokens=len(prompt), replica=self.replica, prompt_text=echoed)
                 scored = False
                 async for out in updates:
-                    yield self._update(out, prompt, report_prompt=not scored)
+                    update = self._update(out, prompt, report_prompt=not scored)
+                    yield readers[out.index].read(update) if readers is not None else update
                     scored = scored or out.prompt_logprobs is not None
             finally:
                 await updates.aclose()  # the client went away: abort the request, free its blocks
@@ -96,7 +105,8 @@ class LLMServer:
         """vLLM's /tokenize answer; `Failure` data (a dict with "error") for what cannot be tokenized."""
         try:
             if call.messages is not None:
-                tokens = self.llm.encode_chat([m.model_dump() for m in call.messages])
+                tools = [t.model_dump(exclude_none=True) for t in call.tools or []]
+                tokens = self.llm.encode_chat([m.mistral() for m in call.messages], tools)
             else:
                 assert call.prompt is not None
                 tokens = self.llm.encode(call.prompt)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.serve_messages import Logprob, Update
+from cluster.serve_messages import Logprob, ToolCallOut, Update
 
 
 @dataclass
@@ -29,11 +29,13 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # with echo and logprobs
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
 
     def add(self, u: Update) -> None:
         self.text += u.text
         self.token_ids += u.token_ids
         self.logprobs += u.logprobs
+        self.tool_calls += u.tool_calls
         self.finish_reason = u.finish_reason or self.finish_reason
 
 
@@ -58,7 +60,11 @@ class Reply:
         body = []
         for c in sorted(choices, key=lambda c: c.index):
             if self.chat:
-                out: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": c.text}}
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                if c.tool_calls:  # OpenAI's shape: content null beside the calls when there is no text
+                    message = {"role": "assistant", "content": c.text or None,
+                               "tool_calls": [t.openai() for t in c.tool_calls]}  # fmt: skip
+                out: dict[str, Any] = {"index": c.index, "message": message}
                 out["logprobs"] = chat_logprobs(c.logprobs) if self.logprobs else None
             else:
                 out = {"index": c.index, "text": c.echo + c.text, "logprobs": None}

@@ -7,10 +7,12 @@ when the request ends in error midway.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from cluster.engine import SamplingParams
-from cluster.openai_protocol import APIError, ChatMessage
+from cluster.openai_protocol import APIError, ChatMessage, Tool, ToolChoice
 
 
 class _Message(BaseModel):
@@ -23,6 +25,9 @@ class GenerateCall(_Message):
     messages: list[ChatMessage] | None = None  # chat
     params: SamplingParams
     echo: bool = False  # the Head carries the prompt's text
+    tools: list[Tool] | None = None  # chat: functions the model may call (encoded into the prompt)
+    tool_choice: ToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> GenerateCall:
@@ -50,11 +55,24 @@ class Logprob(_Message):
     top: list[tuple[str, list[int], float]] = []  # (token, bytes, logprob), most likely first
 
 
+class ToolCallOut(_Message):
+    """One call the model made, as OpenAI shows it: `arguments` is JSON text."""
+
+    id: str  # 9 alphanumerics, as the Mistral format requires of the id sent back with the result
+    name: str
+    arguments: str
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index} | call
+
+
 class Update(_Message):
     index: int  # which of the request's n choices
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: str | None  # "tool_calls" once a choice's calls are parsed
+    tool_calls: list[ToolCallOut] = []  # on the choice's last update, when its reply is tool calls
     logprobs: list[Logprob] = []  # the new tokens', when asked for
     prompt_logprobs: list[Logprob] | None = None  # once, on the first update after the prompt is scored
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -77,6 +95,7 @@ class Failure(_Message):
 class TokenizeCall(_Message):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # chat: encoded into the prompt as a chat request's are
     add_special_tokens: bool = True  # a bos in front of a text prompt (chat always has the format's own)
 
     @model_validator(mode="after")

@@ -106,12 +106,26 @@ class Tokenizer:
             return piece.encode()
         return piece.replace("\u2581", " ").encode()
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Prompt tokens of an OpenAI-style conversation in the reference Mistral chat format."""
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The id of the `[TOOL_CALLS]` control piece (v2 and v3 formats), None where it has none (v1)."""
+        i = int(self.sp.piece_to_id("[TOOL_CALLS]"))
+        return i if self.sp.is_control(i) and not self.sp.is_unknown(i) else None
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Prompt tokens of an OpenAI-style conversation (content parts, assistant tool calls and
+        tool results included) and the functions it may call, in the reference Mistral chat format:
+        mistral-common's own request classes encode it."""
+        if tools and self.tool_calls_id is None:
+            raise ChatFormatError(f"the {self.version} chat format has no tool calls; send no tools")
         if self._chat is None:
             self._chat = _chat_tokenizer(self.model_file, self.version)
         try:
-            request = ChatCompletionRequest.from_openai(messages=[dict(m) for m in messages])
+            request = ChatCompletionRequest.from_openai(
+                messages=[dict(m) for m in messages], tools=[dict(t) for t in tools] if tools else None
+            )
             tokens: list[int] = self._chat.encode_chat_completion(request).tokens
         except (MistralCommonException, ValueError, TypeError, KeyError) as e:
             raise ChatFormatError(f"messages cannot be encoded in the Mistral chat format: {e}") from e

@@ -10,8 +10,10 @@ chunk that ends its sequence with the request's own generator, and scores the pr
 chunks that ask for it. The single-process engine and the `AttentionShard` actor both use these,
 so they sample identically.
 
-Logprobs are the fp32 log-softmax of the logits the sampler draws from, before temperature,
-top-k and top-p (what vLLM reports by default).
+Logprobs are the fp32 log-softmax of the model's logits, before the request's controls (logit
+bias, penalties, a grammar's mask), temperature, min-p, top-k and top-p (what vLLM reports by
+default). The controls travel with the chunk that draws: the grammar's allowed tokens as a
+bitmask the engine computed from its matcher, the banned ids, and for penalties the tokens seen.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, adjust, allowed_tokens, make_generator, sample
 
 MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per position
 
@@ -44,6 +46,18 @@ class SeqChunk:
     prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
     next_token: int | None = None  # the prompt token after the chunk, scored from its last row
     forks: list[Draw] = field(default_factory=list)  # more choices drawn from the same last logits
+    # The draw's controls (see `model.sampling.adjust`); the forks' first draws share them.
+    allowed: bytes | None = None  # a grammar's allowed tokens: bitmask, 32 tokens per little-endian int32
+    banned: list[int] = field(default_factory=list)  # ids never drawn (eos before min_tokens, ...)
+    output: list[int] | None = None  # the tokens generated so far, when penalties need them
+    prompt_seen: list[int] | None = None  # the prompt's distinct ids, when the repetition penalty needs them
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether its draw changes the logits first (and so cannot take the greedy fast path)."""
+        p = self.params
+        controls = p is not None and (bool(p.logit_bias) or p.penalised)
+        return controls or self.allowed is not None or bool(self.banned)
 
     @property
     def logit_rows(self) -> int:
@@ -137,12 +151,13 @@ class Sampler:
                 if c.params is None:
                     out.append(Sampled(c.request_id, None, prompt_logprobs=scored))
                     continue
-                row = logits[hi - 1]  # [V]
                 if i in greedy:
                     out.append(Sampled(c.request_id, greedy[i], None, scored))
                     continue
-                out.append(self._draw(c.request_id, c.params.seed, c, row, scored))
-                out += [self._draw(d.request_id, d.seed, c, row, None) for d in c.forks]
+                raw = logits[hi - 1]  # [V]
+                row = _adjusted(c, raw) if c.adjusted else raw  # [V]
+                out.append(self._draw(c.request_id, c.params.seed, c, row, raw, scored))
+                out += [self._draw(d.request_id, d.seed, c, row, raw, None) for d in c.forks]
             except Exception as e:
                 out.append(Sampled(c.request_id, None, error=f"sampling failed: {type(e).__name__}: {e}"))
         return out
@@ -154,7 +169,7 @@ class Sampler:
         `int(argmax)` would wait for the device once per sequence."""
 
         def plain_greedy(c: SeqChunk) -> bool:
-            return c.params is not None and c.params.greedy and not c.forks and c.logprobs is None
+            return c.params is not None and c.params.greedy and not c.forks and c.logprobs is None and not c.adjusted
 
         pairs = enumerate(zip(batch.chunks, spans, strict=True))
         chunks = [i for i, (c, (lo, hi)) in pairs if lo < hi and plain_greedy(c)]
@@ -165,16 +180,25 @@ class Sampler:
         return dict(zip(chunks, tokens, strict=True))
 
     def _draw(
-        self, request_id: str, seed: int | None, c: SeqChunk, row: torch.Tensor, scored: list[TokenLogprobs] | None
+        self,
+        request_id: str,
+        seed: int | None,
+        c: SeqChunk,
+        row: torch.Tensor,
+        raw: torch.Tensor,
+        scored: list[TokenLogprobs] | None,
     ) -> Sampled:
+        """A token from `row` [V] (the logits after the chunk's controls); its logprobs from `raw` [V]."""
         assert c.params is not None
         gen = self._generators.get(request_id)
         if gen is None:
             gen = self._generators[request_id] = make_generator(seed, row.device)
+        if c.adjusted and not torch.isfinite(row).any():
+            raise ValueError("no token is allowed: the grammar's mask, the banned ids and logit_bias exclude all")
         token = sample(row, c.params, gen)
         logprobs = None
         if c.logprobs is not None:
-            logprobs = token_logprobs(row[None], [token], c.logprobs)[0]
+            logprobs = token_logprobs(raw[None], [token], c.logprobs)[0]
         return Sampled(request_id, token, logprobs, scored)
 
     def _score_prompt(self, c: SeqChunk, rows: torch.Tensor) -> list[TokenLogprobs]:
@@ -189,6 +213,13 @@ class Sampler:
 
     def __len__(self) -> int:
         return len(self._generators)
+
+
+def _adjusted(c: SeqChunk, row: torch.Tensor) -> torch.Tensor:
+    """The chunk's draw row [V] after its controls."""
+    assert c.params is not None
+    allowed = allowed_tokens(c.allowed, row.shape[-1], row.device) if c.allowed is not None else None
+    return adjust(row, c.params, c.output or (), c.prompt_seen or (), c.banned, allowed)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:

@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63luster/proto/inference.proto\x12\x0fmixtral_cluster\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb2\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08messages\x18\x04 \x03(\x0b\x32\x1c.mixtral_cluster.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x80\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.mixtral_cluster.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"{\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.mixtral_cluster.ChatMessage\x12\x19\n\x11no_special_tokens\x18\x04 \x01(\x08\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xf9\x03\n\tInference\x12Q\n\x08Generate\x12 .mixtral_cluster.GenerateRequest\x1a!.mixtral_cluster.GenerateResponse0\x01\x12O\n\x08\x43omplete\x12 .mixtral_cluster.GenerateRequest\x1a!.mixtral_cluster.GenerateResponse\x12U\n\nListModels\x12\".mixtral_cluster.ListModelsRequest\x1a#.mixtral_cluster.ListModelsResponse\x12I\n\x06Health\x12\x1e.mixtral_cluster.HealthRequest\x1a\x1f.mixtral_cluster.HealthResponse\x12O\n\x08Tokenize\x12 .mixtral_cluster.TokenizeRequest\x1a!.mixtral_cluster.TokenizeResponse\x12U\n\nDetokenize\x12\".mixtral_cluster.DetokenizeRequest\x1a#.mixtral_cluster.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63luster/proto/inference.proto\x12\x0fmixtral_cluster\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xeb\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08messages\x18\x04 \x03(\x0b\x32\x1c.mixtral_cluster.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\t\x88\x01\x01\x12\x43\n\nlogit_bias\x18\x10 \x03(\x0b\x32/.mixtral_cluster.GenerateRequest.LogitBiasEntry\x12\x13\n\x0bjson_schema\x18\x11 \x01(\t\x12\r\n\x05regex\x18\x12 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x13 \x03(\t\x12\x0f\n\x07grammar\x18\x14 \x01(\t\x12\x13\n\x0bjson_object\x18\x15 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x80\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.mixtral_cluster.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"{\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.mixtral_cluster.ChatMessage\x12\x19\n\x11no_special_tokens\x18\x04 \x01(\x08\"H\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xf9\x03\n\tInference\x12Q\n\x08Generate\x12 .mixtral_cluster.GenerateRequest\x1a!.mixtral_cluster.GenerateResponse0\x01\x12O\n\x08\x43omplete\x12 .mixtral_cluster.GenerateRequest\x1a!.mixtral_cluster.GenerateResponse\x12U\n\nListModels\x12\".mixtral_cluster.ListModelsRequest\x1a#.mixtral_cluster.ListModelsResponse\x12I\n\x06Health\x12\x1e.mixtral_cluster.HealthRequest\x1a\x1f.mixtral_cluster.HealthResponse\x12O\n\x08Tokenize\x12 .mixtral_cluster.TokenizeRequest\x1a!.mixtral_cluster.TokenizeResponse\x12U\n\nDetokenize\x12\".mixtral_cluster.DetokenizeRequest\x1a#.mixtral_cluster.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cluster.proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_GENERATEREQUEST']._serialized_start=97
-  _globals['_GENERATEREQUEST']._serialized_end=403
-  _globals['_USAGE']._serialized_start=405
-  _globals['_USAGE']._serialized_end=484
-  _globals['_GENERATERESPONSE']._serialized_start=487
-  _globals['_GENERATERESPONSE']._serialized_end=615
-  _globals['_LISTMODELSREQUEST']._serialized_start=617
-  _globals['_LISTMODELSREQUEST']._serialized_end=636
-  _globals['_LISTMODELSRESPONSE']._serialized_start=638
-  _globals['_LISTMODELSRESPONSE']._serialized_end=674
-  _globals['_HEALTHREQUEST']._serialized_start=676
-  _globals['_HEALTHREQUEST']._serialized_end=691
-  _globals['_HEALTHRESPONSE']._serialized_start=693
-  _globals['_HEALTHRESPONSE']._serialized_end=742
-  _globals['_TOKENIZEREQUEST']._serialized_start=744
-  _globals['_TOKENIZEREQUEST']._serialized_end=867
-  _globals['_TOKENIZERESPONSE']._serialized_start=869
-  _globals['_TOKENIZERESPONSE']._serialized_end=941
-  _globals['_DETOKENIZEREQUEST']._serialized_start=943
-  _globals['_DETOKENIZEREQUEST']._serialized_end=993
-  _globals['_DETOKENIZERESPONSE']._serialized_start=995
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1029
-  _globals['_INFERENCE']._serialized_start=1032
-  _globals['_INFERENCE']._serialized_end=1537
+  _globals['_GENERATEREQUEST']._serialized_end=844
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=645
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=693
+  _globals['_USAGE']._serialized_start=846
+  _globals['_USAGE']._serialized_end=925
+  _globals['_GENERATERESPONSE']._serialized_start=928
+  _globals['_GENERATERESPONSE']._serialized_end=1056
+  _globals['_LISTMODELSREQUEST']._serialized_start=1058
+  _globals['_LISTMODELSREQUEST']._serialized_end=1077
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1079
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1115
+  _globals['_HEALTHREQUEST']._serialized_start=1117
+  _globals['_HEALTHREQUEST']._serialized_end=1132
+  _globals['_HEALTHRESPONSE']._serialized_start=1134
+  _globals['_HEALTHRESPONSE']._serialized_end=1183
+  _globals['_TOKENIZEREQUEST']._serialized_start=1185
+  _globals['_TOKENIZEREQUEST']._serialized_end=1308
+  _globals['_TOKENIZERESPONSE']._serialized_start=1310
+  _globals['_TOKENIZERESPONSE']._serialized_end=1382
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1384
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1434
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1436
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1470
+  _globals['_INFERENCE']._serialized_start=1473
+  _globals['_INFERENCE']._serialized_end=1978
 # @@protoc_insertion_point(module_scope)

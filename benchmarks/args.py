@@ -15,7 +15,8 @@ from model.kernels import KERNEL_CHOICES
 
 BENCH_DESCRIPTION = (
     "Measure, side by side in one run: transformers vs the single-process engine vs the cluster "
-    "(throughput), HTTP serving latency, the cluster's step breakdown and the memory-bandwidth roofline. "
+    "(throughput), structured outputs vs free, HTTP serving latency, the cluster's step breakdown and the "
+    "memory-bandwidth roofline. "
     "Writes JSON, Markdown and PNG plots with --json."
 )
 SOAK_DESCRIPTION = (
@@ -51,7 +52,7 @@ def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads of this process (transformers and the single-process engine)")  # fmt: skip
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["hf", "latency", "roofline", "prefix", "skewed", "cluster"],
+                   choices=["hf", "latency", "roofline", "prefix", "skewed", "structured", "cluster"],
                    help="parts to leave out; 'cluster' leaves out every part that starts workers (the cluster's "
                    "throughput and breakdown, skewed, latency)")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here, with .md and .png files beside it")

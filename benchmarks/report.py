@@ -49,6 +49,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"| cached ({pc['cached_tokens']} prompt tokens from the cache) | {pc['warm_ms']:.1f} |",
             f"\nThe cached prefix answers {pc['speedup']:.1f}x sooner (single-process engine, one request at a time).",
         ]  # fmt: skip
+    so = r.get("structured")
+    if so:
+        lines += [
+            "", f"## Structured outputs: {so['requests']} requests with a JSON schema each vs free", "",
+            "| requests | tokens/s |", "| --- | ---: |",
+            f"| free (temperature 1.0) | {so['tok_s']['free']:.1f} |",
+            f"| each under the JSON schema | {so['tok_s']['constrained']:.1f} |",
+            f"\nConstrained over free: {so['ratio']:.2f}x. Masks: {so['mask_ms_per_step']:.2f} ms of a "
+            f"{so['step_ms']:.2f} ms decode step (median), {100 * so['mask_share']:.1f}% of the run's step time.",
+        ]  # fmt: skip
     sk = r.get("skewed")
     if sk:
         lines += ["", "## Skewed expert load (G=4, 4 redundant experts): before and after re-placement", "",

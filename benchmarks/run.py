@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import breakdown, latency, prefix_cache, report, roofline, skewed, throughput
+from benchmarks import breakdown, latency, prefix_cache, report, roofline, skewed, structured, throughput
 from benchmarks.args import FULL, QUICK, bench_parser
 from benchmarks.workload import ensure_checkpoint, mixed_prompts
 from cluster.llm import LLM
@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decode_seconds": sum(r["wall"] for r in steps if r["decode"]),
             "prefill_steps": sum(not r["decode"] for r in steps), "decode_steps": sum(r["decode"] for r in steps),
         }  # fmt: skip
+        if "structured" not in args.skip:
+            logger.info("structured outputs: %d requests each under a JSON schema vs free", n_prompts)
+            result["structured"] = structured.constrained_vs_free(single, prompts, new_tokens)
         if "prefix" not in args.skip:
             logger.info("time to first token: a %d-token prefix cached vs not", size["prefix_len"])
             result["prefix_cache"] = prefix_cache.prefix_ttft(single, config.vocab_size, size["prefix_len"])

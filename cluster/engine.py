@@ -299,6 +299,7 @@ class Engine:
         self.steps = 0
         self.profile = False  # when set, `step_records` gets one entry per step
         self.step_records: list[dict[str, float]] = []
+        self._mask_seconds = 0.0  # computing this step's grammar masks (part of its planning)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -442,6 +443,7 @@ class Engine:
             batch.copies = [pair for pair, seq_id in copies if seq_id in self._choices]
         self._drops = [[] for _ in range(self.backend.num_shards)]
         self._copies = [[] for _ in range(self.backend.num_shards)]
+        self._mask_seconds = 0.0
         for c in schedule.chunks:
             batches[c.seq.shard].chunks.append(self._chunk(c))
         executed = time.perf_counter()
@@ -470,6 +472,7 @@ class Engine:
             self.step_records.append({
                 "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included
                 "execute": returned - executed,  # the backend's part
+                "masks": self._mask_seconds,  # the grammars' allowed-token masks, on this thread
                 "tokens": sum(c.end - c.start for c in schedule.chunks),
                 "seqs": len(schedule.chunks),
                 "decode": all(c.end - c.start == 1 for c in schedule.chunks),
@@ -499,7 +502,9 @@ class Engine:
             if len(output) < params.min_tokens:
                 chunk.banned += [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
             if choice.matcher is not None:
+                began = time.perf_counter()
                 chunk.allowed = bitmask(choice.matcher)
+                self._mask_seconds += time.perf_counter() - began
             if req.draw.penalised:
                 chunk.output = list(output)
                 if req.draw.repetition_penalty != 1.0:

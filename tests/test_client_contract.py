@@ -141,7 +141,7 @@ def test_an_agent_loop_encodes_as_mistral_common_does(
     question = {"role": "user", "content": "What is the weather in Paris?"}
     first = client.chat.completions.create(model=MODEL, messages=[question], tools=TOOLS,  # type: ignore[list-item]
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                           parallel_tool_calls=False, max_tokens=200)  # fmt: skip
+                                           parallel_tool_calls=False, max_tokens=200, seed=0)  # fmt: skip
     assert first.choices[0].finish_reason == "tool_calls", first
     (call,) = first.choices[0].message.tool_calls or []
     history: Any = [
@@ -223,7 +223,7 @@ def test_a_nested_json_schema_holds_for_20_samples(client: openai.OpenAI) -> Non
 
 
 def test_completions_take_vllms_structured_outputs(server: dict[str, Any]) -> None:
-    base = {"model": MODEL, "prompt": "Answer:", "max_tokens": 40, "temperature": 1.0}
+    base = {"model": MODEL, "prompt": "Answer:", "max_tokens": 40, "temperature": 1.0, "seed": 0}
     for field, check in [
         ({"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}}, lambda t: len(t) == 6 and t[3] == "-"),
         ({"guided_choice": ["alpha", "beta"]}, lambda t: t in ("alpha", "beta")),
@@ -318,10 +318,10 @@ def test_langchain_binds_tools_and_gets_structured_output(server: dict[str, Any]
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(model=MODEL, base_url=server["url"] + "/v1", api_key="unused",  # type: ignore[arg-type]
-                      temperature=0.8, max_completion_tokens=120, max_retries=0)  # fmt: skip
-    message = chat.bind_tools([{"type": "function", "function": WEATHER}], tool_choice="get_weather").invoke(
-        "What is the weather in Rome?"
-    )
+                      temperature=0.8, seed=0, max_completion_tokens=300, max_retries=0)  # fmt: skip
+    tools = chat.bind_tools([{"type": "function", "function": WEATHER}], tool_choice="get_weather",
+                            parallel_tool_calls=False)  # fmt: skip
+    message = tools.invoke("What is the weather in Rome?")
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
     jsonschema.validate(message.tool_calls[0]["args"], WEATHER["parameters"])  # type: ignore[attr-defined]
     movie = chat.with_structured_output(Movie, method="json_schema").invoke("Name a movie")
@@ -332,7 +332,7 @@ def test_grpc_takes_the_same_controls(server: dict[str, Any]) -> None:
     stub = pb_grpc.InferenceStub(grpc.insecure_channel(server["grpc"]))
     biased = stub.Complete(pb.GenerateRequest(prompt="Hello", max_tokens=6, temperature=1.0, logit_bias={777: 100.0}))
     assert list(biased.token_ids) == [777] * 6
-    shaped = stub.Complete(pb.GenerateRequest(prompt="Hello", max_tokens=200, temperature=1.0,
+    shaped = stub.Complete(pb.GenerateRequest(prompt="Hello", max_tokens=200, temperature=1.0, seed=0,
                                               json_schema=json.dumps(NESTED)))  # fmt: skip
     assert shaped.finish_reason == "stop"
     jsonschema.validate(json.loads(shaped.text), NESTED)

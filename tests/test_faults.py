@@ -2,21 +2,25 @@
 while requests stream (plain, streamed and gRPC clients). The copy replaces that worker alone (a
 new actor in its bundle, the data plane formed anew) while the others keep their weights and KV
 caches: no request fails, every answer equals a fault-free copy's, and clients see a stall, not an
-error. A lost attention shard's sequences are recomputed. If the replacement cannot start, the
-copy falls back to failing its requests with 503, and Serve replaces the whole copy."""
+error. A lost attention shard's sequences are recomputed, and a constrained request in flight
+still ends in valid JSON (its grammar state lives in the engine). If the replacement cannot start,
+the copy falls back to failing its requests with 503, and Serve replaces the whole copy."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 from ray import serve
 
@@ -24,9 +28,11 @@ from cluster.engine import SamplingParams
 from cluster.ingress import HEALTH_TIMEOUT_S
 from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
+from tests.serve_helpers import MODEL, PROMPT, Load, census, serving, wait_until_serving
 
 logger = logging.getLogger(__name__)
+# A long constrained answer (~150 tokens), so that it is still decoding when the worker dies.
+LONG_JSON = {"type": "array", "minItems": 30, "maxItems": 30, "items": {"enum": ["alpha", "beta", "gamma"]}}
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +72,23 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(server: dict[str, str]
     before = census()
     done_before = len(recoveries())
     victim = next(w for w in workers() if w["name"].startswith(role))
+    constrained: list[httpx.Response] = []
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "List"}], "max_tokens": 400, "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": LONG_JSON}}}  # fmt: skip
+    asking = threading.Thread(target=lambda: constrained.append(httpx.post(url + "/v1/chat/completions", json=body,
+                                                                           timeout=120)))  # fmt: skip
     with Load(url, server["grpc"]) as load:
-        time.sleep(2.0)  # requests are decoding
+        time.sleep(1.5)
+        asking.start()
+        time.sleep(0.5)  # requests are decoding
         killed = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
         time.sleep(8.0)  # and go on through the replacement
+    asking.join(timeout=120)
+    (reply,) = constrained
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(reply.json()["choices"][0]["message"]["content"]), LONG_JSON)
     in_flight = load.in_flight(killed)
     assert len({r["kind"] for r in in_flight}) >= 2, in_flight  # requests of several kinds were decoding
     failed = [r for r in load.records if r["outcome"] not in ("200", "OK")]

@@ -192,7 +192,8 @@ def test_tools_on_a_v1_model_are_refused(checkpoint_factory: Any) -> None:
 
     v1 = checkpoint_factory(TINY.model_copy(update={"vocab_size": 32000}), seed=1)
     cfg = ServeConfig.model_validate({"model": {"checkpoint": str(v1)}, "cluster": {"single_process": True}})
-    server = LLMServer(cfg)
+    had_ray = ray.is_initialized()
+    server = LLMServer(cfg)  # outside Serve it asks Ray for its placement group, which starts a local Ray
     try:
         tool = Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}})
         call = GenerateCall(id="r", messages=[ChatMessage(role="user", content="hi")], params=SamplingParams(),
@@ -206,3 +207,5 @@ def test_tools_on_a_v1_model_are_refused(checkpoint_factory: Any) -> None:
         assert answers[0].status == 400 and answers[0].param == "tools" and "v1" in answers[0].message
     finally:
         server.llm.shutdown()
+        if not had_ray:
+            ray.shutdown()  # the modules after this one start their own

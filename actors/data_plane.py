@@ -17,14 +17,36 @@ transport needs (gloo's staging copies) and the caller's split sizes (`actors/di
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from protocol.config import Transport
+
+logger = logging.getLogger(__name__)
+
+
+def interface_of(ip: str) -> str | None:
+    """The name of this machine's network interface that carries IPv4 address `ip`, if any."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addresses):
+            return name
+    return None
+
+
+def bind_interface(interface: str) -> None:
+    """Make gloo and NCCL's bootstrap bind `interface`. Both read their interface only from these
+    variables, when a group is formed; without them gloo binds what the hostname resolves to, which
+    is loopback on a stock Ubuntu image (127.0.1.1), and peers on other hosts cannot connect."""
+    os.environ["GLOO_SOCKET_IFNAME"] = interface
+    os.environ["NCCL_SOCKET_IFNAME"] = interface
 
 
 class DataPlaneBroken(RuntimeError):

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.data_plane import DataPlane
+from actors.data_plane import DataPlane, bind_interface, interface_of
 from actors.profiling import PhaseClock
 from model.checkpoint import Checkpoint
 from model.kernels import select_kernels
@@ -69,6 +69,7 @@ class Worker(abc.ABC):
         )
         self.keys_read = list(ckpt.keys_read)
         self.plane: DataPlane | None = None  # formed by `join`
+        self.interface: str | None = None  # the network interface the data plane binds (`join`)
         self.clock = PhaseClock(self.device)
         logger.info("%s loaded %d tensors", spec.name, len(self.keys_read))
 
@@ -86,6 +87,13 @@ class Worker(abc.ABC):
         cfg = self.setup.config
         world = cfg.cluster.attention_shards + cfg.cluster.routers + cfg.cluster.expert_groups
         timeout_s = max(cfg.engine.step_timeout_s, 60.0)
+        node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        interface = cfg.cluster.network_interface or interface_of(node_ip)
+        if interface is None:
+            raise RuntimeError(f"{self.spec.name}: no network interface of this node carries its Ray address "
+                               f"{node_ip}; name one with cluster.network_interface")  # fmt: skip
+        bind_interface(interface)
+        self.interface = interface
         self.plane = DataPlane.join(
             cfg.cluster.data_plane, self.device, master_addr, master_port, self.spec.rank, world,
             self.setup.moe_ranks, timeout_s,
@@ -119,6 +127,8 @@ class Worker(abc.ABC):
             "pid": os.getpid(),
             "rss_bytes": rss_bytes(),
             "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "interface": self.interface,  # the data plane's, once formed
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "resources": ctx.get_assigned_resources(),  # type: ignore[no-untyped-call]
             "placement_group_id": ctx.get_placement_group_id(),

@@ -82,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     srv = cfg.serving
     bundles = cfg.replica_bundles(cfg.model_shape().num_experts)
     if args.address:
-        ray.init(address=args.address, logging_level=logging.WARNING)
+        from cluster.workers import connect_ray
+
+        connect_ray(args.address)  # RayRefused (a ConnectionError) names the token fix
     else:  # local mode: logical CPU slots for every replica's bundles, the ingress and the proxies
         cpus = sum(b.get("CPU", 0) for b in bundles) * srv.max_replicas + 4
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus)), include_dashboard=False,
@@ -249,6 +251,25 @@ def _needs_extra(command: str, e: ImportError) -> int:
     return 2
 
 
+# ---- build-kernels ----------------------------------------------------------------------------
+
+
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    """Compile the CPU decode kernels into torch's extension cache on this host, ahead of any worker."""
+    import time as clock
+
+    from model.kernels import compiled
+
+    started = clock.monotonic()
+    print("building the CPU decode kernels for this host (~20 s the first time) ...", flush=True)
+    if compiled.build() is None:
+        print("error: the CPU kernels cannot be built here (see the warning above); workers will use torch's "
+              "kernels, or set engine.kernels: torch", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"CPU kernels ready in {clock.monotonic() - started:.1f} s (cached for every worker on this host)")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -292,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32", choices=list(DTYPES))
     m.set_defaults(fn=cmd_make_tiny)
 
+    bk = sub.add_parser("build-kernels", help="compile the CPU decode kernels on this host, ahead of its workers",
+                        description="Compile model/csrc into torch's extension cache (~20 s once per host), "
+                        "so that workers starting here need not: run it in setup_commands on CPU nodes.")  # fmt: skip
+    bk.set_defaults(fn=cmd_build_kernels)
+
     pl = sub.add_parser("plan", help="show which actor goes on which node and GPU, and whether it fits",
                         description="Print the placement of one model copy: actor, node, GPU, weight and KV bytes; "
                         "exit 1 if the plan does not fit (e.g. bf16 8x22B on too few 80 GB GPUs).")  # fmt: skip
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.fn(args))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

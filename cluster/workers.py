@@ -1,10 +1,11 @@
 """RayBackend: one model copy as Ray actors in a placement group, stepped once per iteration.
 
-Start-up: check the plan fits the cluster, reserve a placement group (waiting with a timeout,
-never silently), start one actor per bundle (each loads only its own tensors), then form the
-`torch.distributed` data plane from rank 0's address. A step is one `step(plan)` call per worker;
-if any worker dies or the step outlives its timeout, every worker is killed (the survivors may
-be blocked in a collective) and the error names the worker.
+Start-up, in phases, each with its own deadline and a timeout that names it and what to do:
+placement (reserve the placement group), kernels (build the compiled CPU kernels once on each
+host that runs a worker, before any worker's deadline starts), loading (one actor per bundle,
+each reads only its own tensors), data plane (the `torch.distributed` group from rank 0's
+address, on the interface that carries each node's Ray IP). A step is one `step(plan)` call per
+worker; a worker that dies is replaced alone (`_recover`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import AuthenticationError, GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -57,6 +58,41 @@ def _remote(role: Role) -> Any:
 logger = logging.getLogger(__name__)
 
 
+KERNEL_BUILD_TIMEOUT_S = 900.0  # compiling the CPU kernels on a fresh host (~20 s on 2 cores; slow disks more)
+STARTUP_TIMEOUT_S = 60.0  # the least any start-up phase after placement waits
+
+
+class RayRefused(ConnectionError):
+    """The Ray cluster refused this process (token authentication)."""
+
+
+def connect_ray(address: str) -> None:
+    """Join the Ray cluster at `address`; `RayRefused` naming the fix when its token authentication
+    turns this process away (Ray retries for ~20 s first, then says so)."""
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        if not _refused_for_auth(e):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        raise RayRefused(
+            f"the Ray cluster at {address} refused this process: it runs with token authentication and this "
+            f"process {'has RAY_AUTH_MODE=' + mode if mode != 'token' else 'sent a token it does not accept'}. "
+            "Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token; "
+            "`ray get-auth-token` on the head prints it) on every node and driver."
+        ) from e
+
+
+def _refused_for_auth(e: BaseException | None) -> bool:
+    """Whether a failure to connect was token authentication turning this process away."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def ensure_ray(address: str | None, cpus_needed: float) -> None:
     """Connect to `address`, or start a local Ray instance big enough for the plan's CPU slots."""
     if ray.is_initialized():
@@ -66,7 +102,17 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
         cpus = max(os.cpu_count() or 1, int(cpus_needed) + 2)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        connect_ray(address)
+
+
+@ray.remote(num_cpus=0)
+def _build_kernels(choice: Any, device: str, dtype: torch.dtype) -> str:
+    """On the node this runs on: the kernels a worker there will select, built into torch's extension
+    cache (a no-op once built); the node's IP."""
+    from model.kernels import select_kernels
+
+    select_kernels(choice, device, dtype)
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
 def available_nodes() -> list[dict[str, float]]:
@@ -114,8 +160,10 @@ class RayBackend:
         self.pg: PlacementGroup | None = placement
         try:
             self._wait_placement(cfg.cluster.placement_timeout_s, len(wanted))
+            self._build_kernels()
             self.actors = self._start_actors()
-            self._form_data_plane(timeout_s=max(self.step_timeout_s, 60.0))
+            self._wait_loaded(timeout_s=max(self.step_timeout_s, STARTUP_TIMEOUT_S))
+            self._form_data_plane(timeout_s=max(self.step_timeout_s, STARTUP_TIMEOUT_S))
         except BaseException:
             self.shutdown()
             raise
@@ -164,8 +212,42 @@ class RayBackend:
                 ray.kill(actor, no_restart=True)
                 raise EngineError(f"{self.specs[i].name} did not start in time") from e
 
+    def _build_kernels(self) -> None:
+        """Phase "kernels": where workers will run the compiled CPU kernels, build them first, once per
+        host, with a deadline of their own (a fresh host compiles for a while; the workers' loading
+        deadline starts after)."""
+        cfg = self.setup.config
+        if cfg.cluster.device != "cpu" or cfg.dtype != torch.float32 or cfg.engine.kernels not in ("auto", "cpu"):
+            return
+        assert self.pg is not None
+        logger.info("building the CPU kernels on each host of the copy (once per host; cached after)")
+        refs = [
+            _build_kernels.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.bundle_offset + i)).remote(
+                cfg.engine.kernels, "cpu", cfg.dtype)
+            for i in range(len(self.specs))
+        ]  # fmt: skip
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=KERNEL_BUILD_TIMEOUT_S)
+        if pending:
+            raise EngineError(
+                f"start-up phase 'kernels' timed out after {KERNEL_BUILD_TIMEOUT_S:.0f} s: the CPU kernels were still "
+                "compiling on some host. Build them ahead on each host (`mixtral-cluster build-kernels`, e.g. in the "
+                "launcher's setup_commands), or set engine.kernels: torch"
+            )
+        try:
+            hosts = sorted(set(ray.get(ready)))
+        except RayError as e:
+            raise EngineError(f"start-up phase 'kernels' failed: {_first_line(e)} (engine.kernels: torch avoids "
+                              "the build)") from e  # fmt: skip
+        logger.info("CPU kernels ready on %s", ", ".join(hosts))
+
     def _start_actors(self) -> list[Any]:
         return [self._start_actor(i, self.setup) for i in range(len(self.specs))]
+
+    def _wait_loaded(self, timeout_s: float) -> None:
+        """Phase "loading": every worker has read its weights (its constructor has returned)."""
+        self._get([a.address.remote() for a in self.actors], timeout_s, "start-up phase 'loading' (reading weights)",
+                  hint="a slow disk or a checkpoint on a network mount: raise engine.step_timeout_s")  # fmt: skip
 
     def _start_actor(self, i: int, setup: WorkerSetup) -> Any:
         """Worker `i` (rank order) in its bundle of the placement group."""
@@ -184,8 +266,13 @@ class RayBackend:
         return _remote(self.specs[i].role).options(**options).remote(self.specs[i], setup)
 
     def _form_data_plane(self, timeout_s: float) -> None:
+        """Phase "data plane": every worker joins the process group at rank 0's node IP and a free port."""
         addr, port = self._get([self.actors[0].address.remote()], timeout_s, "start-up")[0]
-        self._get([a.join.remote(addr, port) for a in self.actors], timeout_s, "start-up")
+        hint = (
+            f"the workers could not all connect to rank 0 at {addr}:{port}: check that the hosts reach each "
+            "other on their Ray addresses (any TCP port), or name the interface: cluster.network_interface"
+        )
+        self._get([a.join.remote(addr, port) for a in self.actors], timeout_s, "start-up phase 'data plane'", hint=hint)
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -314,9 +401,11 @@ class RayBackend:
         self.placement = new
         return report
 
-    def _get(self, refs: list[Any], timeout_s: float, what: str, workers: list[int] | None = None) -> list[Any]:
+    def _get(
+        self, refs: list[Any], timeout_s: float, what: str, workers: list[int] | None = None, hint: str = ""
+    ) -> list[Any]:
         """Results of one call per worker (`workers`: whose, by rank; default all, in order); the first
-        failure or the timeout kills the copy and raises."""
+        failure or the timeout kills the copy and raises (with `hint`: what to do about a timeout)."""
         names = [self.specs[i].name for i in (workers if workers is not None else range(len(refs)))]
         pending = list(refs)
         deadline = time.monotonic() + timeout_s
@@ -326,7 +415,8 @@ class RayBackend:
             if not ready:
                 slow = [names[refs.index(r)] for r in pending]
                 self.shutdown()
-                raise EngineError(f"{what} timed out after {timeout_s:.0f} s waiting for {', '.join(slow)}")
+                raise EngineError(f"{what} timed out after {timeout_s:.0f} s waiting for {', '.join(slow)}"
+                                  + (f"; {hint}" if hint else ""))  # fmt: skip
             try:
                 ray.get(ready[0])
             except (RayActorError, RayError) as e:

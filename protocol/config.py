@@ -69,6 +69,10 @@ class ClusterSection(Section):
     # follows the routers' per-expert counts, at start (uniform) and at each re-placement.
     redundant_experts: int = Field(default=0, ge=0)
     rebalance_interval_s: float | None = Field(default=None, gt=0)  # re-place experts this often (None: on demand)
+    # The network interface the data plane (gloo, NCCL's bootstrap) binds on every node. Default: the one
+    # that carries the IP Ray knows the node by, never what the hostname resolves to (127.0.1.1 on a
+    # stock Ubuntu image). Name one on machines with several NICs (EFA, bonded links), e.g. "ens5".
+    network_interface: str | None = None
 
     @model_validator(mode="after")
     def _transport_fits_device(self) -> ClusterSection:

@@ -74,10 +74,11 @@ def connect_ray(address: str) -> None:
     except ConnectionError as e:
         if not _refused_for_auth(e):
             raise
-        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        mode = os.environ.get("RAY_AUTH_MODE")
+        why = "sent a token it does not accept" if mode == "token" else f"has RAY_AUTH_MODE={mode or '(unset)'}"
         raise RayRefused(
             f"the Ray cluster at {address} refused this process: it runs with token authentication and this "
-            f"process {'has RAY_AUTH_MODE=' + mode if mode != 'token' else 'sent a token it does not accept'}. "
+            f"process {why}. "
             "Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token; "
             "`ray get-auth-token` on the head prints it) on every node and driver."
         ) from e

@@ -13,6 +13,7 @@ Teardown kills only the processes of its own namespaces, by pid (`ip netns pids`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,17 @@ class Host:
     name: str  # the namespace's name
     ip: str
     hostname: str  # what its /etc/hosts maps to 127.0.1.1
-    temp_dir: str  # its Ray session directory root
+    temp_dir: str  # its own temporary directory: Ray's sessions, sockets and last-cluster file live there
 
-    def command(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-        """`argv` run inside this host, with `env` added to the environment."""
-        extra = [f"{k}={v}" for k, v in (env or {}).items()]
-        return ["ip", "netns", "exec", self.name, "env", *extra, *argv]
+    def command(self, argv: Sequence[str], env: Mapping[str, str | None] | None = None) -> list[str]:
+        """`argv` run inside this host, with `env` added to the environment. RAY_TMPDIR keeps the
+        host's Ray files apart, as on a machine of its own: without it every host, and every other
+        Ray on this machine, would share /tmp/ray (`ray start` leaves the address of the cluster it
+        joined there, where a later `ray.init()` anywhere on the machine would find it)."""
+        given = {"RAY_TMPDIR": self.temp_dir} | dict(env or {})  # a None value unsets the variable
+        extra = [f"{k}={v}" for k, v in given.items() if v is not None]
+        unset = [arg for k, v in given.items() if v is None for arg in ("-u", k)]
+        return ["ip", "netns", "exec", self.name, "env", *unset, *extra, *argv]
 
     def pids(self) -> list[int]:
         out = _ip("netns", "pids", self.name, check=False).stdout
@@ -103,6 +110,7 @@ class Hosts:
         machine = socket.gethostname()
         for i in range(self.n):
             host = Host(f"mx{self.tag}h{i}", f"{subnet}.{i + 1}", f"host{i}", f"/tmp/mxray-{self.tag}-{i}")
+            Path(host.temp_dir).mkdir(parents=True, exist_ok=True)
             self.hosts.append(host)
             _ip("netns", "add", host.name)
             veth = f"mxv{self.tag}{i}"
@@ -119,7 +127,7 @@ class Hosts:
 
     # ---- processes -----------------------------------------------------------------------------
 
-    def run(self, host: Host, argv: Sequence[str], timeout_s: float = 120, env: Mapping[str, str] | None = None,
+    def run(self, host: Host, argv: Sequence[str], timeout_s: float = 120, env: Mapping[str, str | None] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """Run `argv` on `host` to completion, with the cluster's Ray environment."""
         r = subprocess.run(host.command(argv, self.ray_env | dict(env or {})), capture_output=True, text=True,
@@ -137,13 +145,17 @@ class Hosts:
         self._procs.append(proc)
         return proc
 
-    def start_ray(self, cpus: Sequence[int], resources: Sequence[str | None] = ()) -> None:
-        """`ray start --head` on host 0 with `cpus[0]` CPUs, then every other host joins it."""
+    def start_ray(
+        self, cpus: Sequence[int], resources: Sequence[str | None] = (), system_config: dict[str, Any] | None = None
+    ) -> None:
+        """`ray start --head` on host 0 with `cpus[0]` CPUs, then every other host joins it with its
+        `cpus[i]` and `resources[i]` (JSON); `system_config` goes to the head (e.g. faster failure
+        detection)."""
         head = self.hosts[0]
         common = ["--disable-usage-stats"]
+        extra = [f"--system-config={json.dumps(system_config)}"] if system_config else []
         self.run(head, [RAY, "start", "--head", f"--node-ip-address={head.ip}", f"--port={RAY_PORT}",
-                        f"--num-cpus={cpus[0]}", f"--temp-dir={head.temp_dir}", "--include-dashboard=false",
-                        *common])  # fmt: skip
+                        f"--num-cpus={cpus[0]}", "--include-dashboard=false", *extra, *common])  # fmt: skip
         for i, host in enumerate(self.hosts[1:], start=1):
             extra = [f"--resources={resources[i]}"] if i < len(resources) and resources[i] else []
             self.run(host, [RAY, "start", f"--address={self.head_address}", f"--node-ip-address={host.ip}",

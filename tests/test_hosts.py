@@ -121,14 +121,17 @@ def test_serve_on_the_head_answers_while_the_model_runs_on_the_others(hosts: Hos
     assert answer["text"] == text and isinstance(answer["chat"], str)
 
 
-def test_a_driver_without_the_token_is_refused_with_the_fix(hosts: Hosts, ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("env", [{"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None}, {"RAY_AUTH_TOKEN": "not-it"}],
+                         ids=["no-token", "wrong-token"])  # fmt: skip
+def test_a_driver_without_the_token_is_refused_with_the_fix(hosts: Hosts, ckpt: Path, tmp_path: Path,
+                                                            env: dict[str, str | None]) -> None:  # fmt: skip
     head = hosts.hosts[0]
     config = tmp_path / "hosts.yaml"
     config.write_text(yaml.safe_dump({"model": {"checkpoint": str(ckpt)}}))
     argv = [str(Path(sys.executable).parent / "mixtral-cluster"), "serve", str(config), "--address",
             hosts.head_address]  # fmt: skip
     started = time.monotonic()
-    r = hosts.run(head, argv, timeout_s=120, env={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""}, check=False)
+    r = hosts.run(head, argv, timeout_s=120, env=env, check=False)
     assert r.returncode == 2, (r.stdout[-500:], r.stderr[-1500:])
     assert "token authentication" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr, r.stderr[-1500:]
     assert time.monotonic() - started < 90  # refused, not hung

@@ -74,7 +74,8 @@ class DataPlane:
         moe_ranks: list[int],
         timeout_s: float,
     ) -> DataPlane:
-        """Form the world group and the router + expert-group sub-group; every rank calls it."""
+        """Form the world group and the router + expert-group sub-group; every rank calls it. `timeout_s`
+        bounds every call on them, the rendezvous included: a peer silent that long is taken as lost."""
         options: dict[str, Any] = {}
         if transport == "nccl":
             torch.cuda.set_device(device)  # NCCL's batched p2p hangs without a current device
@@ -135,6 +136,13 @@ class DataPlane:
     @property
     def backend(self) -> str:
         return str(dist.get_backend())
+
+    @property
+    def timeout_s(self) -> float:
+        """Every call's deadline, read back from the process group."""
+        group = dist.distributed_c10d._get_default_group()
+        device = self.device if self.transport == "nccl" else torch.device("cpu")
+        return float(group._get_backend(device).options._timeout.total_seconds())
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,6 @@ class Worker(abc.ABC):
             self.plane.abort()
         cfg = self.setup.config
         world = cfg.cluster.attention_shards + cfg.cluster.routers + cfg.cluster.expert_groups
-        timeout_s = max(cfg.engine.step_timeout_s, 60.0)
         node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         interface = cfg.cluster.network_interface or interface_of(node_ip)
         if interface is None:
@@ -96,7 +95,7 @@ class Worker(abc.ABC):
         self.interface = interface
         self.plane = DataPlane.join(
             cfg.cluster.data_plane, self.device, master_addr, master_port, self.spec.rank, world,
-            self.setup.moe_ranks, timeout_s,
+            self.setup.moe_ranks, cfg.cluster.data_plane_timeout_s,
         )  # fmt: skip
 
     @property
@@ -148,6 +147,7 @@ class Worker(abc.ABC):
             "device": param.device.type,
             "kernels": self.model.kernels.name,
             "transport": self.plane.backend if self.plane is not None else None,
+            "data_plane_timeout_s": self.plane.timeout_s if self.plane is not None else None,
             "checkpoint": str(Checkpoint(self.setup.config.model.checkpoint).path),
         }
 

@@ -200,7 +200,7 @@ class LLM:
 
     def __init__(
         self,
-        config: LLMConfig | str | Path,
+        config: LLMConfig | str | Path | None = None,
         *,
         ray_address: str | None = None,
         placement: Any = None,
@@ -210,8 +210,13 @@ class LLM:
         """`config` whole (a `ServeConfig` too), or a checkpoint directory with the config's keys as
         keywords (`protocol.config`: `attention_shards`, `dtype`, `num_blocks`, `kernels`, ...).
         `ray_address`, `placement` and `bundle_offset` say where the workers start, not what they are:
-        a Ray cluster to join, or a Serve replica's placement group whose first bundles are not theirs."""
-        if isinstance(config, LLMConfig):
+        a Ray cluster to join, or a Serve replica's placement group whose first bundles are not theirs.
+        The checkpoint may come as a keyword too: `LLM(checkpoint=path, ...)`."""
+        if config is None:
+            if "checkpoint" not in keywords:
+                raise TypeError("LLM needs a config or a checkpoint: LLM(path) or LLM(checkpoint=path)")
+            config = LLMConfig.from_keywords(**keywords)
+        elif isinstance(config, LLMConfig):
             config = config.with_overrides(**keywords) if keywords else config
         else:
             config = LLMConfig.from_keywords(checkpoint=config, **keywords)

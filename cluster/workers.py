@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 KERNEL_BUILD_TIMEOUT_S = 900.0  # compiling the CPU kernels on a fresh host (~20 s on 2 cores; slow disks more)
 STARTUP_TIMEOUT_S = 60.0  # the least any start-up phase after placement waits
+UNREACHABLE_GRACE_S = 5.0  # once a worker's step failed, how long the others may take to answer
+NO_ROOM_CONFIRM_S = 2.0  # a lost bundle with no free room for this long is taken as unplaceable
 
 
 class RayRefused(ConnectionError):
@@ -193,10 +195,17 @@ class RayBackend:
         before that is cancelled, and is started again."""
         assert self.pg is not None
         pg_id = self.pg.id.hex()
+        no_room_since: float | None = None
         while True:
-            while ray.util.placement_group_table(self.pg).get("state") != "CREATED":
-                if time.monotonic() > deadline:
+            while (state := ray.util.placement_group_table(self.pg).get("state")) != "CREATED":
+                now = time.monotonic()
+                if now > deadline:
                     raise EngineError(f"the placement group {pg_id} was not placed again in time")
+                no_room = state == "RESCHEDULING" and not self._room_for(i)
+                no_room_since = (no_room_since or now) if no_room else None
+                if no_room_since is not None and now - no_room_since > NO_ROOM_CONFIRM_S:
+                    raise EngineError(f"no room left on the cluster to place {self.specs[i].name} again "
+                                      f"(it needs {self.pg.bundle_specs[self.bundle_offset + i]} free)")  # fmt: skip
                 time.sleep(0.2)
             actor = self._start_actor(i, setup)
             try:
@@ -212,6 +221,12 @@ class RayBackend:
             except GetTimeoutError as e:
                 ray.kill(actor, no_restart=True)
                 raise EngineError(f"{self.specs[i].name} did not start in time") from e
+
+    def _room_for(self, i: int) -> bool:
+        """Whether the cluster's free resources could hold worker `i`'s bundle again."""
+        assert self.pg is not None
+        free = ray.available_resources()  # type: ignore[no-untyped-call]
+        return all(free.get(k, 0.0) >= v for k, v in self.pg.bundle_specs[self.bundle_offset + i].items() if v > 0)
 
     def _build_kernels(self) -> None:
         """Phase "kernels": where workers will run the compiled CPU kernels, build them first, once per
@@ -309,27 +324,53 @@ class RayBackend:
 
     def _step_everywhere(self, plan: Any) -> tuple[list[Any], list[int], dict[str, BaseException]]:
         """Run a step on every worker and wait for all of them (survivors of a dead worker fail fast:
-        each tears its data plane down, so the peers blocked on it fail too). Returns each worker's
-        result (None where it failed), the dead workers, and the failures that were not a dead peer."""
+        each tears its data plane down, so the peers blocked on it fail too; a silent peer fails them at
+        the data plane's deadline). Returns each worker's result (None where it failed), the dead
+        workers, and the failures that were not a dead peer.
+
+        Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer: a worker still
+        silent then is on a host the engine cannot reach (partitioned, or crashed before Ray noticed).
+        Its bundle cannot be moved while Ray holds the host alive, so the copy is given up at once
+        (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not after
+        `step_timeout_s`."""
         refs = [a.step.remote(plan) for a in self.actors]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.step_timeout_s)
+        outcome: dict[int, Any] = {}  # worker -> result, or the exception its step raised
+        pending = list(refs)
+        deadline = time.monotonic() + self.step_timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                break
+            i = refs.index(ready[0])
+            try:
+                outcome[i] = ray.get(ready[0])
+            except RayError as e:
+                outcome[i] = e
+                deadline = min(deadline, time.monotonic() + UNREACHABLE_GRACE_S)
         if pending:
-            slow = [self.specs[refs.index(r)].name for r in pending]
+            silent = [self.specs[refs.index(r)] for r in pending]
             self.shutdown()
-            raise EngineError(f"step timed out after {self.step_timeout_s:.0f} s waiting for {', '.join(slow)}")
+            names = ", ".join(s.name for s in silent)
+            if any(isinstance(o, RayError) for o in outcome.values()):
+                deadline_s = self.setup.config.cluster.data_plane_timeout_s
+                raise EngineError(
+                    f"worker {names} did not answer within {UNREACHABLE_GRACE_S:.0f} s of its peers' data plane "
+                    f"failing (deadline cluster.data_plane_timeout_s = {deadline_s:g} s): its host is unreachable "
+                    "(partitioned or down); the copy is given up"
+                )
+            raise EngineError(f"step timed out after {self.step_timeout_s:.0f} s waiting for {names}")
         results: list[Any] = []
         dead: list[int] = []
         errors: dict[str, BaseException] = {}
-        for i, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref))
+        for i in range(len(refs)):
+            o = outcome[i]
+            if not isinstance(o, RayError):
+                results.append(o)
                 continue
-            except RayActorError:
+            if isinstance(o, RayActorError):
                 dead.append(i)
-            except DataPlaneBroken:
-                pass  # a survivor: its peer is among the dead
-            except RayError as e:
-                errors[self.specs[i].name] = e
+            elif not isinstance(o, DataPlaneBroken):  # a survivor of a dead peer fails with DataPlaneBroken
+                errors[self.specs[i].name] = o
             results.append(None)
         return results, dead, errors
 
@@ -342,7 +383,8 @@ class RayBackend:
         started = time.monotonic()
         try:
             setup = dataclasses.replace(self.setup, placement=self.placement)
-            deadline = time.monotonic() + self.setup.config.cluster.placement_timeout_s
+            # In-flight requests wait on this: bounded by the step's deadline, not the (long) first placement's.
+            deadline = time.monotonic() + min(self.setup.config.cluster.placement_timeout_s, self.step_timeout_s)
             for i in dead:
                 self.actors[i] = self._restart(i, setup, deadline)
             self._form_data_plane(timeout_s=max(self.step_timeout_s, 60.0))

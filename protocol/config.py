@@ -73,6 +73,11 @@ class ClusterSection(Section):
     # that carries the IP Ray knows the node by, never what the hostname resolves to (127.0.1.1 on a
     # stock Ubuntu image). Name one on machines with several NICs (EFA, bonded links), e.g. "ens5".
     network_interface: str | None = None
+    # The data plane's deadline: a peer silent this long inside a step is taken as lost (a crashed or
+    # partitioned host); its peers' calls fail, and the step fails over (`RayBackend`) instead of waiting
+    # out engine.step_timeout_s. Raise it if one worker's part of a step can take longer (a first step
+    # that compiles GPU kernels on a fresh host).
+    data_plane_timeout_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _transport_fits_device(self) -> ClusterSection:

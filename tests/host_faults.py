@@ -1,7 +1,16 @@
 """A driver run on the head of a test-host cluster (`python -m tests.host_faults ...`): serves a copy
-whose workers live on the model hosts, runs streamed and plain load against it, crashes the host
-of `experts-0` (every process of that host's namespace killed at once) while requests decode, and
-prints one JSON line: what the clients saw, where the workers are afterwards, and the recovery."""
+whose workers live on the model hosts, runs streamed, plain and gRPC load against it, breaks the
+host of `experts-0` while requests decode, and prints one JSON line: what the clients saw, where
+the workers are afterwards, and the recovery.
+
+Scenarios:
+- `crash`: every process of the host killed at once; the copy replaces the lost workers on the
+  slots left on the other hosts.
+- `crash-no-room`: the same with no slot left elsewhere: in-flight requests end 503; then the host
+  comes back (its `ray start` run again, as its supervisor would) and a new copy serves.
+- `partition`: the host's link down for `--partition-s`, then up; the copy notices by its data
+  plane's deadline, gives up, and a new copy serves once the host is reachable again.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
 from cluster.workers import connect_ray
-from tests.serve_helpers import PROMPT, Load, serving, wait_until_serving
+from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
+
+ENDED_503 = {"plain": "503", "stream": "error-event", "grpc": "UNAVAILABLE"}  # how each client sees a 503
 
 
 def crash(namespace: str) -> int:
@@ -36,50 +48,131 @@ def crash(namespace: str) -> int:
     return len(pids)
 
 
+def _raylets(namespace: str) -> list[int]:
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _node_id(ip: str) -> str:
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip)
+
+
+def rejoined(node_id: str, host: dict[str, Any], watch_s: float = 25.0) -> bool:
+    """After its link is back: whether the host's node went on by itself (True), or Ray had called it
+    dead (a verdict that may land a little after the link is back: checks sent during the partition
+    time out late), so that its raylet exits on hearing so and the host's supervisor (systemd on a
+    real machine; here this driver) starts Ray on it again (False)."""
+    deadline = time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        if not _raylets(host["namespace"]):
+            back = subprocess.run(host["restart"], capture_output=True, text=True)
+            assert back.returncode == 0, back.stderr[-2000:]
+            return False
+        time.sleep(0.5)
+    assert next(n for n in ray.nodes() if n["NodeID"] == node_id)["Alive"], "neither rejoined nor exited"
+    return True
+
+
+def _message(r: dict[str, Any]) -> str:
+    """The error message a client was given, where it has one."""
+    detail = r["detail"]
+    body = detail[1] if r["kind"] == "plain" and isinstance(detail, tuple | list) else detail
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:300]
+    return str(body)[:300] if r["kind"] == "grpc" else ""
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    """'ok', '503' (with Retry-After where the client can see headers), or what else the client saw."""
+    if r["outcome"] in ("200", "OK"):
+        return "ok"
+    if r["outcome"] not in (ENDED_503[r["kind"]], "503"):  # a stream refused before it began: HTTP 503
+        return f"{r['kind']}:{r['outcome']}"
+    if r["kind"] == "plain" and r["detail"][0].get("retry-after") is None:
+        return "503 without Retry-After"
+    return "503"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--address", required=True)
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--hosts", required=True, help="JSON: node IP -> namespace of each model host")
+    p.add_argument("--scenario", choices=["crash", "crash-no-room", "partition"], default="crash")
+    p.add_argument("--hosts", required=True, help="JSON: node IP -> {namespace, restart, down, up} of each model host")
+    p.add_argument("--partition-s", type=float, default=30.0)
+    p.add_argument("--step-timeout-s", type=float, default=300.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    hosts: dict[str, str] = json.loads(args.hosts)
+    hosts: dict[str, dict[str, Any]] = json.loads(args.hosts)
     with LLM(args.checkpoint, single_process=True) as reference:
         probe = reference.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0].text
         load_text = reference.generate([Load.PROMPT], SamplingParams(max_tokens=Load.MAX_TOKENS, temperature=0.0))[0]
     connect_ray(args.address)
     sections = {
         "cluster": {"placement_strategy": "SPREAD", "worker_resources": {"model_slot": 1}},
+        "engine": {"step_timeout_s": args.step_timeout_s},
         "serving": {"health_check_period_s": 1, "retry_after_s": 3},
     }
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"scenario": args.scenario}
     with serving(args.checkpoint, **sections) as s:
         url = s["url"]
         wait_until_serving(url, probe, timeout_s=240)
         handle = serve.get_deployment_handle("LLMServer", app_name="mixtral")
         before = {w["name"]: w["node_ip"] for w in handle.workers.remote().result()}
         victim = before["experts-0"]
-        with Load(url, s["grpc"]) as load:
+        victim_node = _node_id(victim)
+        census_before = census()
+        # Requests sent while no copy can serve wait in Serve's queue (bounded by serving.request_timeout_s)
+        # until one can: the clients wait longer than the outage.
+        with Load(url, s["grpc"], timeout_s=300) as load:
             time.sleep(2.0)  # requests are decoding
-            killed = time.monotonic()
-            report["killed_processes"] = crash(hosts[victim])
-            time.sleep(15.0)  # and go on through the replacement
-        after = {w["name"]: w["node_ip"] for w in handle.workers.remote().result()}
+            broken = time.monotonic()
+            if args.scenario == "partition":
+                subprocess.run(hosts[victim]["down"], check=True)
+                time.sleep(args.partition_s)
+                subprocess.run(hosts[victim]["up"], check=True)
+                report["link_down_s"] = time.monotonic() - broken
+                report["host_restarted"] = not rejoined(victim_node, hosts[victim])
+            else:
+                report["killed_processes"] = crash(hosts[victim]["namespace"])
+                time.sleep(15.0)  # the in-flight requests end (or go on through the replacement)
+                if args.scenario == "crash-no-room":
+                    back = subprocess.run(hosts[victim]["restart"], capture_output=True, text=True)
+                    assert back.returncode == 0, back.stderr[-2000:]
+            restored = time.monotonic()
+            report["serving_again_s"] = wait_until_serving(url, probe, timeout_s=240)  # after the host is back
+        time.sleep(2.0)  # the replaced copy's old actors are reaped
+        after_workers = handle.workers.remote().result()
         stats = handle.stats.remote().result()
-        in_flight = load.in_flight(killed)
+        in_flight = load.in_flight(broken)
         report |= {
             "victim": victim,
             "lost": sorted(n for n, ip in before.items() if ip == victim),
             "before": before,
-            "after": after,
+            "after": {w["name"]: w["node_ip"] for w in after_workers},
             "requests": len(load.records),
             "in_flight": len(in_flight),
             "kinds_in_flight": sorted({r["kind"] for r in in_flight}),
+            "in_flight_outcomes": sorted({_outcome(r) for r in in_flight}),
+            "in_flight_ended_s": max((r["end"] - broken for r in in_flight), default=0.0),
+            "in_flight_ends": [(r["kind"], round(r["end"] - broken, 2), _message(r)) for r in in_flight],
+            "first_503_s": min((r["end"] - broken for r in in_flight if _outcome(r) == "503"), default=None),
+            "outcomes": sorted({_outcome(r) for r in load.records}),
             "failed": [(r["kind"], r["outcome"]) for r in load.records if r["outcome"] not in ("200", "OK")],
             "wrong": sum(r["text"] != load_text.text for r in load.records if r["outcome"] in ("200", "OK")),
-            "stall_s": load.stall(killed),
+            "stall_s": load.stall(broken),
             "recoveries": stats["recoveries"],
-            "serving_again_s": wait_until_serving(url, probe, timeout_s=60),
+            "restored_after_s": restored - broken,
+            "blocks_in_use": stats["blocks_in_use"],
+            "census_before": census_before,
+            "census_after": census(),
         }
     print(json.dumps(report))
     return 0

@@ -47,6 +47,26 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
 
 
+# PID 1 of an SSH host's namespaces: gives the host its own /root (with this Python's install mounted
+# back) and its own storage under the one Ray temp path all hosts share (Ray's nodes take the head's
+# session directory path, which on real machines names a directory on each machine's own disk),
+# starts sshd, reaps the orphans Ray's daemons leave, and ends with sshd.
+_HOST_INIT = """
+import json, os, subprocess, sys
+spec = json.loads(sys.argv[1])
+mount = lambda src, dst: subprocess.run(["mount", "--bind", src, dst], check=True)
+mount(spec["tmp"], spec["ray_tmp"])
+mount("/root", spec["real"])
+mount(spec["home"], "/root")
+for name in spec["keep"]:
+    os.makedirs("/root/" + name, exist_ok=True)
+    mount(spec["real"] + "/" + name, "/root/" + name)
+sshd = subprocess.Popen(spec["sshd"])
+while os.wait()[0] != sshd.pid:
+    pass
+"""
+
+
 @dataclass
 class Host:
     name: str  # the namespace's name
@@ -152,14 +172,102 @@ class Hosts:
         `cpus[i]` and `resources[i]` (JSON); `system_config` goes to the head (e.g. faster failure
         detection)."""
         head = self.hosts[0]
-        common = ["--disable-usage-stats"]
         extra = [f"--system-config={json.dumps(system_config)}"] if system_config else []
         self.run(head, [RAY, "start", "--head", f"--node-ip-address={head.ip}", f"--port={RAY_PORT}",
-                        f"--num-cpus={cpus[0]}", "--include-dashboard=false", *extra, *common])  # fmt: skip
+                        f"--num-cpus={cpus[0]}", "--include-dashboard=false", "--disable-usage-stats",
+                        *extra])  # fmt: skip
         for i, host in enumerate(self.hosts[1:], start=1):
-            extra = [f"--resources={resources[i]}"] if i < len(resources) and resources[i] else []
-            self.run(host, [RAY, "start", f"--address={self.head_address}", f"--node-ip-address={host.ip}",
-                            f"--num-cpus={cpus[i]}", *extra, *common])  # fmt: skip
+            self.run(host, self.join_argv(host, cpus[i], resources[i] if i < len(resources) else None))
+
+    def join_argv(self, host: Host, cpus: int, resources: str | None = None) -> list[str]:
+        """`ray start` joining `host` to the head, as its node set-up (or a supervisor restarting it) runs it."""
+        extra = [f"--resources={resources}"] if resources else []
+        return [RAY, "start", f"--address={self.head_address}", f"--node-ip-address={host.ip}", f"--num-cpus={cpus}",
+                *extra, "--disable-usage-stats"]  # fmt: skip
+
+    def host_argv(self, host: Host, argv: Sequence[str]) -> list[str]:
+        """The whole command line that runs `argv` on `host` with the cluster's Ray environment, for a
+        process that is not the test's (a driver restoring a host it broke)."""
+        return host.command(argv, self.ray_env)
+
+    # ---- machines reached over SSH (the cluster launcher's way) --------------------------------
+
+    @property
+    def ssh_dir(self) -> Path:
+        return Path(f"/tmp/mxssh-{self.tag}")
+
+    @property
+    def ssh_key(self) -> Path:
+        """The private key every host's sshd accepts (for root)."""
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def ray_tmp(self) -> str:
+        """RAY_TMPDIR on every SSH host: one path, each host's own directory behind it."""
+        return f"/tmp/mxray-{self.tag}"
+
+    def home(self, host: Host) -> Path:
+        """The host's own /root: what its processes see there (~/.ray, ~/ray_bootstrap_*, ~/.bashrc)."""
+        return Path(host.temp_dir) / "root"
+
+    def start_sshd(self, env: Mapping[str, str] | None = None) -> None:
+        """sshd on every host (port 22 of its address; key authentication only, for root), each in PID
+        and mount namespaces of its own as well, so that it is a machine in these ways too: `ray stop`
+        in a session there (the cluster launcher runs it) sees and ends that host's processes only,
+        never other Rays on this machine, and /root is the host's own (`home`; this Python's install
+        is mounted back into it where it lives under /root), so that nothing a session writes to ~
+        reaches this machine's. Sessions get this Python environment first on PATH, as a machine with
+        the project installed, and `env`."""
+        sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin")
+        if sshd is None:
+            raise RuntimeError("sshd is missing: apt-get install openssh-server")
+        self.ssh_dir.mkdir(parents=True, exist_ok=True)
+        Path(self.ray_tmp).mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.ssh_key)], check=True)
+        (self.ssh_dir / "authorized_keys").write_text(self.ssh_key.with_suffix(".pub").read_text())
+        bin_dir = Path(sys.executable).parent
+        keep = sorted({Path(p).relative_to("/root").parts[0] for p in (sys.base_prefix, sys.prefix,
+                       os.path.realpath(sys.executable)) if Path(p).is_relative_to("/root")})  # fmt: skip
+        for i, host in enumerate(self.hosts):
+            home = self.home(host)
+            home.mkdir(parents=True, exist_ok=True)
+            (home / ".profile").write_text(f'export PATH="{bin_dir}:$PATH"\n[ -f ~/.bashrc ] && . ~/.bashrc\n')
+            key = self.ssh_dir / f"host_key_{i}"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+            path = f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            session = {"PATH": path, "RAY_TMPDIR": self.ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"} | dict(env or {})
+            config = self.ssh_dir / f"sshd_config_{i}"
+            config.write_text(
+                f"ListenAddress {host.ip}\nPort 22\nHostKey {key}\nPidFile {self.ssh_dir}/sshd_{i}.pid\n"
+                f"AuthorizedKeysFile {self.ssh_dir}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                f"SetEnv {' '.join(f'{k}={v}' for k, v in session.items())}\n"
+            )
+            real = self.ssh_dir / f"real_root_{i}"  # where the machine's /root stays reachable, for `keep`
+            real.mkdir()
+            spec = json.dumps({"home": str(home), "real": str(real), "keep": keep, "tmp": host.temp_dir,
+                               "ray_tmp": self.ray_tmp,
+                               "sshd": [sshd, "-D", "-e", "-f", str(config)]})  # fmt: skip
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _HOST_INIT, spec]
+            self.start(host, argv, log=self.ssh_dir / f"sshd_{i}.log")
+        for host in self.hosts:
+            self.wait_ssh(host)
+
+    def ssh_argv(self, host: Host, command: str) -> list[str]:
+        """`ssh root@host command` with the harness's key (to run on a host: `run(other, ssh_argv(...))`)."""
+        return ["ssh", "-i", str(self.ssh_key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", f"root@{host.ip}", command]  # fmt: skip
+
+    def wait_ssh(self, host: Host, timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = self.run(self.hosts[0], self.ssh_argv(host, "true"), timeout_s=timeout_s, check=False)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd on {host.name} did not answer: {r.stderr}")
+            time.sleep(0.3)
 
     def kill(self, host: Host) -> None:
         """The host crashes: every process in it is killed at once."""
@@ -169,9 +277,14 @@ class Hosts:
             except ProcessLookupError:
                 pass
 
+    @staticmethod
+    def link_argv(host: Host, up: bool) -> list[str]:
+        """Set the host's network interface down (or up again): a network partition. It works from any
+        namespace, so a driver on another host can run it."""
+        return ["ip", "-n", host.name, "link", "set", "eth0", "up" if up else "down"]
+
     def link(self, host: Host, up: bool) -> None:
-        """Cut (or restore) the host's link to the bridge: a network partition."""
-        _ip("link", "set", f"mxv{self.tag}{self.hosts.index(host)}", "up" if up else "down")
+        subprocess.run(self.link_argv(host, up), check=True, capture_output=True)
 
     def close(self) -> None:
         for host in self.hosts:
@@ -190,3 +303,5 @@ class Hosts:
             shutil.rmtree(Path("/etc/netns") / host.name, ignore_errors=True)
             shutil.rmtree(host.temp_dir, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)
+        shutil.rmtree(self.ssh_dir, ignore_errors=True)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -101,8 +101,8 @@ class Load:
     PROMPT = "tell me everything"
     MAX_TOKENS = 300
 
-    def __init__(self, url: str, grpc_target: str | None = None) -> None:
-        self.url, self.grpc_target = url, grpc_target
+    def __init__(self, url: str, grpc_target: str | None = None, timeout_s: float = 60) -> None:
+        self.url, self.grpc_target, self.timeout_s = url, grpc_target, timeout_s
         self.records: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -138,7 +138,7 @@ class Load:
         while not self.stop.is_set():
             start = time.monotonic()
             try:
-                r = httpx.post(self.url + "/v1/completions", json=self._body(False), timeout=60)
+                r = httpx.post(self.url + "/v1/completions", json=self._body(False), timeout=self.timeout_s)
                 body = r.json()
                 text = body["choices"][0]["text"] if r.status_code == 200 else ""
                 self._record("plain", start, str(r.status_code), (dict(r.headers), body), text)
@@ -150,7 +150,8 @@ class Load:
             start = time.monotonic()
             text, arrivals, last = "", [], None
             try:
-                with httpx.stream("POST", self.url + "/v1/completions", json=self._body(True), timeout=60) as r:
+                body = self._body(True)
+                with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=self.timeout_s) as r:
                     for line in r.iter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
                             last = json.loads(line[6:])

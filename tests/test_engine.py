@@ -141,13 +141,18 @@ def test_many_requests_under_a_small_block_budget(ckpt) -> None:
 
 
 def test_expert_counts_cover_every_routed_token(ckpt) -> None:
-    with LLM(ckpt, single_process=True) as fresh:
+    with LLM(checkpoint=ckpt, single_process=True) as fresh:  # the checkpoint as a keyword, as the README says
         outs = fresh.generate(random_prompts(4, seed=10), GREEDY)
         counts = fresh.expert_token_counts()
     # every token fed (prompt + all sampled but the last) is routed to K experts in every layer
     fed = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in outs)
     assert counts.shape == (ENGINE_CONFIG.num_layers, ENGINE_CONFIG.num_experts)
     assert counts.sum(1).tolist() == [fed * ENGINE_CONFIG.experts_per_token] * ENGINE_CONFIG.num_layers
+
+
+def test_an_llm_without_a_checkpoint_says_so() -> None:
+    with pytest.raises(TypeError, match="checkpoint"):
+        LLM(single_process=True)
 
 
 def test_a_failing_call_on_the_loop_reaches_the_caller_and_the_engine_serves_on(llm: LLM) -> None:

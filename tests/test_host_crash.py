@@ -32,9 +32,9 @@ def hosts() -> Iterator[Hosts]:
 
 def test_a_crashed_host_is_replaced_on_the_others_and_no_request_fails(hosts: Hosts, checkpoint_factory: Any) -> None:
     ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
-    model_hosts = {h.ip: h.name for h in hosts.hosts[1:]}
-    argv = [sys.executable, "-m", "tests.host_faults", "--address", hosts.head_address, "--checkpoint", str(ckpt),
-            "--hosts", json.dumps(model_hosts)]  # fmt: skip
+    model_hosts = {h.ip: {"namespace": h.name} for h in hosts.hosts[1:]}
+    argv = [sys.executable, "-m", "tests.host_faults", "--scenario", "crash", "--address", hosts.head_address,
+            "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts)]  # fmt: skip
     r = hosts.run(hosts.hosts[0], argv, timeout_s=480, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])

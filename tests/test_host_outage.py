@@ -1,0 +1,101 @@
+"""A model host lost with no room left for its workers (`tests/hosts.py` hosts): a head (ingress,
+proxy, the copy's engine) and two model hosts with two model slots each, the copy's four workers
+filling them. Whichever host holds `experts-0` is broken while plain, streamed and gRPC requests
+decode; its workers cannot be placed anywhere else.
+
+- It crashes (every process of its namespace killed): the in-flight requests end with 503 and
+  Retry-After within `step_timeout_s`; when the host comes back (its `ray start` run again, as a
+  supervisor would) a new copy serves, correctly, and nothing leaked.
+- It is partitioned (its link down for 30 s, then up): the copy notices by its data plane's deadline
+  (`cluster.data_plane_timeout_s`, 10 s, then 5 s of grace: within 15 s, not the step timeout), and
+  in-flight requests end 503. Once the link is back the host rejoins: by itself if Ray still holds
+  it alive; if Ray's health checks had called it dead meanwhile, its raylet exits on hearing so and
+  its supervisor starts Ray again (on a real machine systemd or the launcher; here the driver). A new
+  copy then serves at full size on both hosts. Requests sent meanwhile wait in Serve's queue
+  (bounded by serving.request_timeout_s) and are served then.
+
+The figures go to the log (RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ENGINE_CONFIG
+from tests.hosts import Hosts, unavailable
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+# A killed host (its ports refuse at once) is known dead in ~2 s; a silent one takes Ray longer (each
+# check waits out its own timeout), the data plane's deadline sees it first.
+FAST_FAILURE = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+SLOTS = json.dumps({"model_slot": 2})
+STEP_TIMEOUT_S = 30.0
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Hosts]:
+    with Hosts(3) as hs:
+        hs.start_ray([4, 0, 0], [None, SLOTS, SLOTS], system_config=FAST_FAILURE)
+        yield hs
+
+
+def _run(hosts: Hosts, ckpt: Path, scenario: str) -> dict[str, Any]:
+    model_hosts = {
+        h.ip: {
+            "namespace": h.name,
+            "restart": hosts.host_argv(h, hosts.join_argv(h, 0, SLOTS)),
+            "down": hosts.link_argv(h, up=False),
+            "up": hosts.link_argv(h, up=True),
+        }
+        for h in hosts.hosts[1:]
+    }
+    argv = [sys.executable, "-m", "tests.host_faults", "--scenario", scenario, "--address", hosts.head_address,
+            "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts),
+            "--step-timeout-s", str(STEP_TIMEOUT_S)]  # fmt: skip
+    r = hosts.run(hosts.hosts[0], argv, timeout_s=540, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["in_flight"] > 0 and len(report["kinds_in_flight"]) >= 2, report
+    assert report["in_flight_outcomes"] == ["503"], report  # each in-flight request: 503 + Retry-After
+    assert set(report["outcomes"]) <= {"ok", "503"}, report  # nothing hung, nothing else went wrong
+    assert report["wrong"] == 0, report
+    # At full size again, on both model hosts, with nothing left over from the copy given up.
+    assert sorted(report["after"]) == sorted(report["before"]), report
+    assert set(report["after"].values()) == set(report["before"].values()), report
+    assert report["census_after"] == report["census_before"], "actors or placement groups leaked"
+    assert report["blocks_in_use"] == 0, report
+    return report
+
+
+def test_a_crashed_host_with_no_room_left_ends_requests_503_and_the_copy_returns_with_it(
+    hosts: Hosts, checkpoint_factory: Any
+) -> None:
+    ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
+    report = _run(hosts, ckpt, "crash-no-room")
+    assert report["in_flight_ended_s"] < STEP_TIMEOUT_S, report
+    logger.info(
+        "host %s crashed with no room elsewhere: %d in flight, all 503 within %.1f s (first %.1f s); "
+        "serving again %.1f s after the host returned", report["victim"], report["in_flight"],
+        report["in_flight_ended_s"], report["first_503_s"], report["serving_again_s"],
+    )  # fmt: skip
+
+
+def test_a_partitioned_host_is_detected_by_the_data_plane_deadline_and_rejoins(
+    hosts: Hosts, checkpoint_factory: Any
+) -> None:
+    ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
+    report = _run(hosts, ckpt, "partition")
+    assert report["in_flight_ended_s"] < 15.0 + 3.0, report  # detected within the bound, not the step timeout
+    logger.info(
+        "host %s partitioned for %.0f s: %d in flight, all 503 within %.1f s; serving at full size %.1f s "
+        "after the link came back (%s)", report["victim"], report["link_down_s"], report["in_flight"],
+        report["in_flight_ended_s"], report["serving_again_s"],
+        "its Ray restarted" if report["host_restarted"] else "it rejoined by itself",
+    )  # fmt: skip

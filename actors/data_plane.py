@@ -80,15 +80,12 @@ class DataPlane:
         if transport == "nccl":
             torch.cuda.set_device(device)  # NCCL's batched p2p hangs without a current device
             options["device_id"] = device  # and binds the communicator to it up front
+        timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(
-            transport,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-            **options,
-        )
-        moe_group = dist.new_group(moe_ranks)
+            transport, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
+            timeout=timeout, **options,
+        )  # fmt: skip
+        moe_group = dist.new_group(moe_ranks, timeout=timeout)  # a sub-group does not inherit it (30 min)
         # Batched p2p as the first call on a group needs every rank in it: one barrier first.
         dist.barrier(device_ids=[device.index or 0] if transport == "nccl" else None)
         return cls(transport, device, moe_group)
@@ -139,10 +136,11 @@ class DataPlane:
 
     @property
     def timeout_s(self) -> float:
-        """Every call's deadline, read back from the process group."""
-        group = dist.distributed_c10d._get_default_group()
+        """Every call's deadline, read back from the process groups this worker is in (the longest)."""
         device = self.device if self.transport == "nccl" else torch.device("cpu")
-        return float(group._get_backend(device).options._timeout.total_seconds())
+        groups = [dist.distributed_c10d._get_default_group(), self.moe_group]
+        return max(float(g._get_backend(device).options._timeout.total_seconds())
+                   for g in groups if isinstance(g, dist.ProcessGroup))  # fmt: skip
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

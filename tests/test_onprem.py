@@ -82,7 +82,9 @@ def _client(url: str) -> str:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        print(json.dumps({{"text": out.choices[0].text}}))
+        chat = client.chat.completions.create(model="mixtral-tiny", messages=[{{"role": "user", "content": "Hi"}}],
+                                              max_tokens=4)
+        print(json.dumps({{"text": out.choices[0].text, "chat": chat.choices[0].message.content}}))
     """)  # fmt: skip
 
 
@@ -145,7 +147,8 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
     with LLM(ckpt, single_process=True) as reference:
         out = reference.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
         text = reference.tokenizer.continuation(PROMPT, out[0].token_ids)
-    assert json.loads(answer.stdout.strip().splitlines()[-1])["text"] == text
+    reply = json.loads(answer.stdout.strip().splitlines()[-1])
+    assert reply["text"] == text and isinstance(reply["chat"], str)
     (line,) = [ln for ln in where.stdout.splitlines() if ln.startswith("WORKERS ")]
     worker_ips = json.loads(line.removeprefix("WORKERS "))  # the copy's workers: on the two nodes
     assert len(worker_ips) == 4 and set(worker_ips) == {h.ip for h in nodes}, worker_ips

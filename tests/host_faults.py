@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,30 +29,18 @@ from ray import serve
 from cluster.engine import SamplingParams
 from cluster.llm import LLM
 from cluster.workers import connect_ray
+from tests.hosts import kill_namespace, namespace_pids
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
 ENDED_503 = {"plain": "503", "stream": "error-event", "grpc": "UNAVAILABLE"}  # how each client sees a 503
 
 
-def crash(namespace: str) -> int:
-    """Kill every process of a host (its network namespace): a machine that loses power."""
-    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True,
-                                           check=True).stdout.split()]  # fmt: skip
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
-
-
 def _raylets(namespace: str) -> list[int]:
-    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
     found = []
-    for pid in pids:
+    for pid in namespace_pids(namespace):
         try:
             if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
+                found.append(pid)
         except OSError:
             pass
     return found
@@ -141,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["link_down_s"] = time.monotonic() - broken
                 report["host_restarted"] = not rejoined(victim_node, hosts[victim])
             else:
-                report["killed_processes"] = crash(hosts[victim]["namespace"])
+                report["killed_processes"] = kill_namespace(hosts[victim]["namespace"])
                 time.sleep(15.0)  # the in-flight requests end (or go on through the replacement)
                 if args.scenario == "crash-no-room":
                     back = subprocess.run(hosts[victim]["restart"], capture_output=True, text=True)

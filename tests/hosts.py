@@ -47,6 +47,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
 
 
+def namespace_pids(name: str) -> list[int]:
+    """The processes of a host (its network namespace), by pid."""
+    return [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]
+
+
+def kill_namespace(name: str) -> int:
+    """Kill every process of a host at once (a machine that loses power); how many there were."""
+    pids = namespace_pids(name)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
 # PID 1 of an SSH host's namespaces: gives the host its own /root (with this Python's install mounted
 # back) and its own storage under the one Ray temp path all hosts share (Ray's nodes take the head's
 # session directory path, which on real machines names a directory on each machine's own disk),
@@ -85,8 +101,7 @@ class Host:
         return ["ip", "netns", "exec", self.name, "env", *unset, *extra, *argv]
 
     def pids(self) -> list[int]:
-        out = _ip("netns", "pids", self.name, check=False).stdout
-        return [int(p) for p in out.split()]
+        return namespace_pids(self.name)
 
 
 @dataclass
@@ -271,20 +286,13 @@ class Hosts:
 
     def kill(self, host: Host) -> None:
         """The host crashes: every process in it is killed at once."""
-        for pid in host.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_namespace(host.name)
 
     @staticmethod
     def link_argv(host: Host, up: bool) -> list[str]:
         """Set the host's network interface down (or up again): a network partition. It works from any
         namespace, so a driver on another host can run it."""
         return ["ip", "-n", host.name, "link", "set", "eth0", "up" if up else "down"]
-
-    def link(self, host: Host, up: bool) -> None:
-        subprocess.run(self.link_argv(host, up), check=True, capture_output=True)
 
     def close(self) -> None:
         for host in self.hosts:

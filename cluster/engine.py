@@ -37,6 +37,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.config import EngineSection
+from protocol.expert_cost import TOKENS, ExpertCost
 from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Executed:
 class Backend(Protocol):
     num_shards: int
     num_groups: int  # expert groups (1 in one process)
+    cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
     recoveries: list[dict[str, Any]]  # workers replaced after they died, and how long each took
 
     def execute(self, batches: list[ShardBatch]) -> Executed:
@@ -172,6 +174,7 @@ class LocalBackend:
 
     num_shards = 1
     num_groups = 1
+    cost = TOKENS  # one group: nothing to split
 
     def __init__(
         self, model: Mixtral, num_blocks: int, block_size: int, decode_graphs: DecodeGraphSettings | None = None
@@ -298,7 +301,7 @@ class Engine:
         # Since the experts were last placed: what the next re-placement is computed from.
         self.since_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # [L, E]
         self.since_groups = torch.zeros(config.num_layers, backend.num_groups, dtype=torch.long)  # [L, G]
-        self.since_cost: dict[str, list[float]] = {}  # phase -> [sum of slowest groups' s, of mean groups' s, steps]
+        self.since_cost: dict[str, list[float]] = {}  # phase -> [layer times' sum s, ideal times' s, steps]
         self.recorded: collections.deque[RecordedStep] = collections.deque(maxlen=RECORDED_STEPS)
         self.rebalance_interval_s = rebalance_interval_s
         self.rebalancing = False
@@ -431,9 +434,9 @@ class Engine:
     def load(self) -> dict[str, Any]:
         """Since the last placement: (token, expert) pairs per expert group (summed over layers) and
         their imbalance (per layer the heaviest group over the mean, averaged over layers); per phase
-        ("prefill": steps with a prompt chunk, "decode": the others) the cost model's imbalance (the
-        slowest group's seconds over the mean, summed over layers and steps) and its expert
-        milliseconds per step (the slowest group's, summed over layers)."""
+        ("prefill": steps with a prompt chunk, "decode": the others) the cost model's expert
+        milliseconds per step (`ExpertCost.layer_time`, summed over layers) and its imbalance
+        (that over the same work spread evenly)."""
         return {
             "tokens_per_group": self.since_groups.sum(dim=0).tolist(),
             "imbalance": layer_imbalance(self.since_groups.tolist()),
@@ -486,10 +489,11 @@ class Engine:
         self.since_groups += result.group_tokens
         phase = "prefill" if any(len(c.tokens) > 1 for b in batches for c in b.chunks) else "decode"
         self.recorded.append((phase, result.expert_counts.tolist()))
-        cost = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
-        cost[0] += float(result.group_seconds.max(dim=1).values.sum())
-        cost[1] += float(result.group_seconds.mean(dim=1).sum())
-        cost[2] += 1
+        acc = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
+        for seconds in result.group_seconds.tolist():  # [G] per layer
+            acc[0] += self.backend.cost.layer_time(seconds)
+            acc[1] += self.backend.cost.ideal_time(seconds)
+        acc[2] += 1
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
         results = {s.request_id: s for shard_out in result.sampled for s in shard_out}

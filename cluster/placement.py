@@ -354,19 +354,20 @@ def predict_steps(
 ) -> dict[str, Any]:
     """What `steps` cost under `placement`, each split as the routers split it (`split_pairs`): the
     pair imbalance over them all (`layer_imbalance` of the summed pairs), and per phase the expert
-    milliseconds per step (the slowest group's seconds, summed over layers) and the cost imbalance
-    (slowest over mean). Takes a few ms per step and layer at most: the planner runs it, not a step."""
+    milliseconds per step (`ExpertCost.layer_time`, summed over layers) and the cost imbalance
+    (that over the same work spread evenly, `ideal_time`). A split per step and layer: the planner
+    runs it, between steps."""
     num_experts = len(steps[0][1][0]) if steps else 0
     held = [holders(groups, num_experts) for groups in placement]  # [L][E] -> groups
     pairs = [[0] * num_groups for _ in placement]  # [L][G]
-    phases: dict[str, list[float]] = {}  # phase -> [slowest s, mean s, steps]
+    phases: dict[str, list[float]] = {}  # phase -> [layer time s, ideal time s, steps]
     for phase, counts in steps:
         acc = phases.setdefault(phase, [0.0, 0.0, 0])
         for layer, layer_counts in enumerate(counts):
             shares, per_group = split_pairs(layer_counts, held[layer], num_groups, cost)
             seconds = layer_seconds(shares, held[layer], num_groups, cost)
-            acc[0] += max(seconds)
-            acc[1] += sum(seconds) / num_groups
+            acc[0] += cost.layer_time(seconds)
+            acc[1] += cost.ideal_time(seconds)
             pairs[layer] = [a + b for a, b in zip(pairs[layer], per_group, strict=True)]
         acc[2] += 1
     return {

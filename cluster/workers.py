@@ -303,19 +303,28 @@ class RayBackend:
     def _measure_cost(self, timeout_s: float) -> ExpertCost:
         """The copy's cost model (`protocol.expert_cost`): each expert group times one expert's FFN on
         1 and 64 rows, the sub-group timed a small all-to-all as it formed. A message's cost is that
-        round's share per peer, twice (the rows go, the results come back)."""
+        round's share per peer, twice (the rows go, the results come back). Lanes: groups on one GPU
+        share it; on CPU a node's groups share its cores (over each worker's threads)."""
         groups = [i for i, s in enumerate(self.specs) if s.role == "experts"]
         rates = self._get([self.actors[i].calibrate.remote() for i in groups], timeout_s, "start-up phase "
                           "'calibrating'", workers=groups)  # fmt: skip
         peers = self.layout.routers + self.layout.expert_groups - 1
+        groups_on: dict[str, int] = {}
+        lanes_of: dict[str, int] = {}
+        for _, _, lane, there in rates:
+            groups_on[lane] = groups_on.get(lane, 0) + 1
+            lanes_of[lane] = there
+        lanes = sum(min(n, lanes_of[lane]) for lane, n in groups_on.items())
         cost = ExpertCost(
-            weight_s=statistics.median(w for w, _ in rates),
-            row_s=statistics.median(r for _, r in rates),
+            weight_s=statistics.median(r[0] for r in rates),
+            row_s=statistics.median(r[1] for r in rates),
             message_s=2 * self.exchange_round_s / max(peers, 1),
+            lanes=lanes if lanes < len(rates) else 0,
             source=f"measured at start-up on {self.setup.config.cluster.device}",
         )
-        logger.info("expert cost model: weights %.1f us, row %.2f us, message %.1f us per layer and group",
-                    cost.weight_s * 1e6, cost.row_s * 1e6, cost.message_s * 1e6)  # fmt: skip
+        logger.info("expert cost model: weights %.1f us, row %.2f us, message %.1f us per layer and group, "
+                    "%s", cost.weight_s * 1e6, cost.row_s * 1e6, cost.message_s * 1e6,
+                    f"{cost.lanes} lanes for {len(rates)} groups" if cost.lanes else "a device per group")  # fmt: skip
         return cost
 
     # ---- steps -------------------------------------------------------------------------------

@@ -26,16 +26,33 @@ ROW_UNITS = 64  # cost units per row: weights and messages are rounded to 1/64 o
 @dataclass(frozen=True)
 class ExpertCost:
     """Seconds a group spends on one layer: `message_s` if it gets rows at all, then per expert it
-    computes `weight_s` + rows x `row_s`. `source` says where the rates come from."""
+    computes `weight_s` + rows x `row_s`. `lanes`: how many groups can compute at once (0: each on
+    its own device; on one CPU host, its cores over the workers' threads), so a layer takes at
+    least the groups' compute over the lanes. `source` says where the rates come from."""
 
     weight_s: float
     row_s: float
     message_s: float = 0.0
+    lanes: int = 0
     source: str = "tokens"
 
     def __post_init__(self) -> None:
-        if self.row_s <= 0 or self.weight_s < 0 or self.message_s < 0:
-            raise ValueError(f"a cost model needs row_s > 0 and no negative cost, got {self}")
+        if self.row_s <= 0 or self.weight_s < 0 or self.message_s < 0 or self.lanes < 0:
+            raise ValueError(f"a cost model needs row_s > 0 and no negative cost or lanes, got {self}")
+
+    def layer_time(self, seconds: Sequence[float]) -> float:
+        """A layer's expert time from each group's seconds: the slowest group, and where the groups
+        share fewer lanes than there are groups, their compute (what is not a message) over the lanes."""
+        return max(max(seconds), self._shared(seconds))
+
+    def ideal_time(self, seconds: Sequence[float]) -> float:
+        """What `layer_time` would be with the same work spread evenly over the groups."""
+        return max(sum(seconds) / len(seconds), self._shared(seconds))
+
+    def _shared(self, seconds: Sequence[float]) -> float:
+        if not self.lanes or self.lanes >= len(seconds):
+            return 0.0
+        return (sum(seconds) - self.message_s * sum(s > 0 for s in seconds)) / self.lanes
 
     def units(self) -> tuple[int, int]:
         """(weights, message) in units of 1/ROW_UNITS of a row."""
@@ -47,7 +64,8 @@ class ExpertCost:
         return (self.message_s if active else 0.0) + len(active) * self.weight_s + sum(active) * self.row_s
 
     def as_dict(self) -> dict[str, float | str]:
-        return {"weight_s": self.weight_s, "row_s": self.row_s, "message_s": self.message_s, "source": self.source}
+        return {"weight_s": self.weight_s, "row_s": self.row_s, "message_s": self.message_s, "lanes": self.lanes,
+                "source": self.source}  # fmt: skip
 
 
 TOKENS = ExpertCost(weight_s=0.0, row_s=1.0, source="tokens")  # rows only: balance pair counts
@@ -68,7 +86,8 @@ def split_pairs(
     counts: Sequence[int], holders: Sequence[Sequence[int]], num_groups: int, cost: ExpertCost = TOKENS
 ) -> tuple[list[list[int]], list[int]]:
     """How one step's (token, expert) pairs of a layer split over the groups holding each expert, so
-    that the slowest group under `cost` is as fast as it can be.
+    that the layer's time under `cost` (`ExpertCost.layer_time`: the slowest group, or the total
+    over shared lanes) is as short as it can be.
 
     `counts[e]`: pairs routed to expert e; `holders[e]`: the groups holding it. Returns per expert
     the pairs each of its holders takes (in `holders` order), and the pairs per group."""
@@ -85,8 +104,9 @@ def split_pairs(
     if replicated:
         need = [counts[e] for e in replicated]
         choices = [[g for g in holders[e]] for e in replicated]
-        allowed = _Search(need, choices, base, used, weight, message, num_groups).best()
-        rows = _flow(need, allowed, _capacities(allowed, base, used, weight, message, need))
+        allowed, slowest = _Search(need, choices, base, used, weight, message, num_groups, cost.lanes).best()
+        fixed = _charges(allowed, base, used, weight, message)
+        rows = _flow(need, allowed, [max(0, (slowest - f) // ROW_UNITS) for f in fixed])
         for e, by_group in zip(replicated, rows, strict=True):
             shares[e] = [by_group.get(g, 0) for g in holders[e]]
     per_group = [0] * num_groups
@@ -146,18 +166,31 @@ def _rows_fit_at(levels: Sequence[int], rows: int) -> int:
     return nxt[deficit - 1]
 
 
+def _level(levels: Sequence[int], units: int) -> int:
+    """The least integer T with sum over levels of max(0, T - level) >= units: the water level."""
+    v = sorted(levels)
+    prefix = 0
+    for j, x in enumerate(v, 1):
+        prefix += x
+        if j == len(v) or units + prefix <= v[j] * j:
+            return -(-(units + prefix) // j)
+    return v[0]  # no levels: not reached (every expert has a holder)
+
+
 class _Search:
     """Branch and bound over which holders compute each replicated expert (largest first), from the
     allowed sets of a greedy split as the first bound; gives up proving after `budget` nodes (the
     best found stands, `proven` says whether it is the optimum)."""
 
     def __init__(self, need: list[int], choices: list[list[int]], base: list[int], used: list[bool], weight: int,
-                 message: int, num_groups: int, budget: int = SEARCH_BUDGET) -> None:  # fmt: skip
+                 message: int, num_groups: int, lanes: int, budget: int = SEARCH_BUDGET) -> None:  # fmt: skip
         self.need, self.choices, self.base, self.used = need, choices, base, used
         self.weight, self.message, self.num_groups = weight, message, num_groups
+        self.lanes = lanes if 0 < lanes < num_groups else 0  # 0: groups do not share
         self.subsets = [[list(s) for k in range(1, len(c) + 1) for s in itertools.combinations(c, k)] for c in choices]
+        self.masks = [sum(1 << g for g in c) for c in choices]
         self.best_allowed = self._greedy()
-        self.best_cost = _least_slowest(self.best_allowed, need, *self._fixed(self.best_allowed))
+        self.best_cost = self._value(self.best_allowed)
         self.nodes, self.budget, self.proven = 0, budget, True
 
     def _fixed(self, allowed: Sequence[Sequence[int]]) -> tuple[list[int], list[bool]]:
@@ -188,38 +221,52 @@ class _Search:
             allowed.append(chosen)
         return allowed
 
-    def best(self) -> list[list[int]]:
+    def best(self) -> tuple[list[list[int]], int]:
+        """The allowed holders of each expert, and the least layer time (units) they reach."""
         if self.best_cost > self._floor():  # otherwise the greedy split is already the optimum
             self._descend([])
-        return self.best_allowed
+        return self.best_allowed, self.best_cost
+
+    def _value(self, allowed: Sequence[Sequence[int]]) -> int:
+        """The least layer time with these allowed holders: Hall's value, and with shared lanes the
+        groups' compute (every allowed holder paying its weights) over the lanes."""
+        fixed, paying = self._fixed(allowed)
+        value = _least_slowest(allowed, self.need, fixed, paying)
+        if self.lanes:  # messages are waits, not work on the shared lanes
+            compute = sum(fixed) - self.message * sum(paying) + ROW_UNITS * sum(self.need)
+            value = max(value, -(-compute // self.lanes))
+        return value
 
     def _floor(self) -> int:
-        """A lower bound on any split: the groups' fixed work, each expert alone on all its holders
-        (one weight read), and all the work spread over every group."""
-        fixed, paying = self._fixed([])
-        floor = max((f for f, p in zip(fixed, paying, strict=True) if p), default=0)
-        for n, groups in zip(self.need, self.choices, strict=True):
-            floor = max(floor, _rows_fit_at([fixed[g] + self.weight + (0 if paying[g] else self.message)
-                                             for g in groups], n))  # fmt: skip
-        return max(floor, self._bound([]))
+        """A lower bound on any split (`_bound` with nothing decided)."""
+        return self._bound([])
 
     def _bound(self, chosen: list[list[int]]) -> int:
-        """A lower bound on every completion of `chosen`: each decided expert's rows on the groups
-        allowed it, and the total work spread over every group (one weight read per undecided expert)."""
-        k = len(chosen)
+        """A lower bound on every completion of `chosen` (the first experts' allowed holders): the
+        groups' fixed work, and for every set X of experts the level at which the groups allowed X
+        absorb X's rows and one weight read per undecided expert of X, splitting freely (a
+        relaxation of Hall's condition: no floors, undecided experts allowed every holder)."""
+        k, q = len(chosen), len(self.need)
         fixed, paying = self._fixed(chosen)
         bound = max((f for f, p in zip(fixed, paying, strict=True) if p), default=0)
-        for n, groups in zip(self.need, chosen, strict=False):
-            bound = max(bound, _rows_fit_at([fixed[g] for g in groups], n))
-        rest = sum(self.need[k:]) * ROW_UNITS + self.weight * (len(self.need) - k)
-        spread = -(-(sum(fixed) + sum(self.need[:k]) * ROW_UNITS + rest) // self.num_groups)
-        return max(bound, spread)
+        masks = [sum(1 << g for g in groups) for groups in chosen] + self.masks[k:]
+        units = [ROW_UNITS * n + (self.weight if i >= k else 0) for i, n in enumerate(self.need)]
+        union, total = [0] * (1 << q), [0] * (1 << q)
+        for subset in range(1, 1 << q):
+            low = (subset & -subset).bit_length() - 1
+            rest = subset & (subset - 1)
+            union[subset], total[subset] = union[rest] | masks[low], total[rest] + units[low]
+            bound = max(bound, _level([fixed[g] for g in range(self.num_groups) if union[subset] >> g & 1],
+                                      total[subset]))  # fmt: skip
+        if self.lanes:  # all compute, one weight read per undecided expert, over the lanes
+            bound = max(bound, -(-(sum(fixed) - self.message * sum(paying) + total[-1]) // self.lanes))
+        return bound
 
     def _descend(self, chosen: list[list[int]]) -> None:
         self.nodes += 1
         k = len(chosen)
         if k == len(self.need):
-            cost = _least_slowest(chosen, self.need, *self._fixed(chosen))
+            cost = self._value(chosen)
             if cost < self.best_cost:
                 self.best_cost, self.best_allowed = cost, [list(c) for c in chosen]
             return
@@ -231,15 +278,6 @@ class _Search:
                 self.proven = False
                 return
             self._descend([*chosen, subset])
-
-
-def _capacities(allowed: Sequence[Sequence[int]], base: list[int], used: list[bool], weight: int, message: int,
-                need: Sequence[int]) -> list[int]:  # fmt: skip
-    """Rows each group can take of the replicated experts at the least slowest group."""
-    fixed = _charges(allowed, base, used, weight, message)
-    paying = [u or any(g in a for a in allowed) for g, u in enumerate(used)]
-    slowest = _least_slowest(allowed, need, fixed, paying)
-    return [max(0, (slowest - f) // ROW_UNITS) for f in fixed]
 
 
 def _flow(need: Sequence[int], allowed: Sequence[Sequence[int]], capacity: list[int]) -> list[dict[int, int]]:
@@ -256,14 +294,16 @@ def _flow(need: Sequence[int], allowed: Sequence[Sequence[int]], capacity: list[
             n -= take
         missing.append(n)
     for e, n in enumerate(missing):
-        for _ in range(n):  # the rest one row at a time, each moving others' rows aside
+        while n > 0:  # the rest along paths that move others' rows aside, as many at once as the path allows
             path = _augmenting_path(e, allowed, rows, left)
             assert path is not None, "the least slowest group admits every row"
-            for expert, src, dst in path:  # move rows along the path; the last group takes one more
+            amount = min([n, left[path[-1][2]]] + [rows[expert][src] for expert, src, _ in path if src is not None])
+            for expert, src, dst in path:  # move rows along the path; the last group takes them
                 if src is not None:
-                    rows[expert][src] -= 1
-                rows[expert][dst] += 1
-            left[path[-1][2]] -= 1
+                    rows[expert][src] -= amount
+                rows[expert][dst] += amount
+            left[path[-1][2]] -= amount
+            n -= amount
     return rows
 
 

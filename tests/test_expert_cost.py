@@ -27,7 +27,7 @@ def brute_force(counts: Sequence[int], holders: Sequence[Sequence[int]], groups:
     """The least slowest group over every split of every expert's pairs over its holders."""
     best = float("inf")
     for shares in itertools.product(*(list(splits(c, len(h))) for c, h in zip(counts, holders, strict=True))):
-        best = min(best, max(layer_seconds(shares, holders, groups, cost)))
+        best = min(best, cost.layer_time(layer_seconds(shares, holders, groups, cost)))
     return best
 
 
@@ -40,10 +40,11 @@ def random_case(rng: random.Random) -> tuple[list[int], list[list[int]], int]:
 
 # Rates that are whole multiples of a row's 1/ROW_UNITS: the split is exact for them, not rounded.
 COSTS = [TOKENS, ExpertCost(weight_s=3.0, row_s=1.0, message_s=0.5), ExpertCost(weight_s=12.0, row_s=1.0),
-         ExpertCost(weight_s=0.25, row_s=1.0, message_s=2.0)]  # fmt: skip
+         ExpertCost(weight_s=0.25, row_s=1.0, message_s=2.0), ExpertCost(weight_s=4.0, row_s=1.0, lanes=2),
+         ExpertCost(weight_s=1.0, row_s=1.0, message_s=1.0, lanes=1)]  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(72))
 def test_the_split_is_the_min_max_optimum(seed: int) -> None:
     rng = random.Random(seed)
     counts, holders, groups = random_case(rng)
@@ -51,8 +52,8 @@ def test_the_split_is_the_min_max_optimum(seed: int) -> None:
     shares, per_group = split_pairs(counts, holders, groups, cost)
     assert [sum(s) for s in shares] == counts and all(n >= 0 for s in shares for n in s)
     assert sum(per_group) == sum(counts)
-    slowest = max(layer_seconds(shares, holders, groups, cost))
-    assert slowest == pytest.approx(brute_force(counts, holders, groups, cost))
+    layer = cost.layer_time(layer_seconds(shares, holders, groups, cost))
+    assert layer == pytest.approx(brute_force(counts, holders, groups, cost))
 
 
 def test_decode_sizes_concentrate_a_hot_expert_and_prefill_sizes_spread_it() -> None:
@@ -62,6 +63,20 @@ def test_decode_sizes_concentrate_a_hot_expert_and_prefill_sizes_spread_it() -> 
     assert shares[0] == [6, 0, 0]  # one read of the hot expert, on the group with nothing else
     shares, _ = split_pairs([600, 1, 1, 1], holders, 4, reads)
     assert min(shares[0]) > 150  # rows dominate: every holder computes it
+
+
+def test_groups_that_share_lanes_do_not_read_weights_twice_for_nothing() -> None:
+    """Four groups on two cores: a second holder of a hot expert adds its weight read to the total
+    the two cores must get through, so at decode sizes it only pays where a group is idle."""
+    holders = [[0, 1], [2], [3], [2]]  # group 1 holds only a replica of the hot expert 0
+    own = ExpertCost(weight_s=20.0, row_s=1.0)
+    shared = ExpertCost(weight_s=20.0, row_s=1.0, lanes=2)
+    assert split_pairs([60, 5, 5, 5], holders, 4, own)[0][0] == [30, 30]  # 50 / 50 / 50 / 25
+    assert split_pairs([60, 5, 5, 5], holders, 4, shared)[0][0] == [60, 0]  # 80 beats (50+50+50+25) / 2
+    assert shared.layer_time([50, 30, 30, 30]) == 70 and own.layer_time([50, 30, 30, 30]) == 50
+    assert shared.ideal_time([50, 30, 30, 30]) == 70 and own.ideal_time([50, 30, 30, 30]) == 35
+    waits = ExpertCost(weight_s=20.0, row_s=1.0, message_s=10.0, lanes=2)  # a message is no lane's work
+    assert waits.layer_time([40, 40, 40, 0]) == 45 and waits.layer_time([60, 0, 0, 0]) == 60
 
 
 def test_the_issue_load_splits_evenly() -> None:

@@ -17,30 +17,27 @@ from collections.abc import Callable, Sequence
 import torch
 
 from actors.data_plane import DataPlane
-from protocol.expert_cost import ExpertCost, layer_seconds, split_pairs
+from protocol.experts import split_tokens
 
 MAX_EXPERTS_IN_COLUMN = 256  # integers a bf16 column holds exactly
 
 
 def pair_destinations(
-    experts: torch.Tensor, holders: Sequence[Sequence[int]], num_groups: int, cost: ExpertCost
-) -> tuple[torch.Tensor, list[int], list[float]]:
-    """The group each (token, expert) pair goes to: experts [T, K] -> dest [T*K], pairs per group [G],
-    and each group's seconds by the cost model [G].
+    experts: torch.Tensor, holders: Sequence[Sequence[int]], num_groups: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The group each (token, expert) pair goes to: experts [T, K] -> dest [T*K], and pairs per group [G].
 
-    An expert held by several groups has its pairs split between them so that the slowest group is
-    as fast as `cost` allows (`split_pairs`), in
+    An expert held by several groups has its pairs split between them by load (`split_tokens`), in
     token order: the first ones to its first holder, and so on. Per-expert counts are read to the
     host once: the split sizes of the all-to-all follow from them anyway."""
     flat = experts.flatten()  # [N] token-major
     num_experts = len(holders)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # the layer's one host read
-    shares, per_group = split_pairs(counts, holders, num_groups, cost)
-    seconds = layer_seconds(shares, holders, num_groups, cost)
+    shares, per_group = split_tokens(counts, holders, num_groups)
     device = flat.device
     if all(len(h) == 1 for h in holders):  # no replicas: one lookup
         primary = torch.tensor([h[0] for h in holders], dtype=torch.long, device=device)  # [E]
-        return primary[flat], per_group, seconds
+        return primary[flat], per_group
     width = max(len(h) for h in holders)
     group = torch.tensor([list(h) + [h[0]] * (width - len(h)) for h in holders], device=device)  # [E, R]
     ends = torch.tensor([_cumulative(s) + [counts[e]] * (width - len(s)) for e, s in enumerate(shares)],
@@ -50,7 +47,7 @@ def pair_destinations(
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(len(flat), device=device) - starts[flat[order]]  # [N] index among its expert's pairs
     replica = (rank[:, None] >= ends[flat]).sum(dim=1)  # [N] which holder's range it falls in
-    return group[flat, replica], per_group, seconds
+    return group[flat, replica], per_group
 
 
 def _cumulative(values: Sequence[int]) -> list[int]:
@@ -68,13 +65,12 @@ def router_exchange(
     num_routers: int,
     num_groups: int,
     plane: DataPlane,
-    cost: ExpertCost,
-) -> tuple[torch.Tensor, list[int], list[float]]:
+) -> tuple[torch.Tensor, list[int]]:
     """Send each (token, expert) pair's row to a group holding its expert; the results [T*K, H],
-    token-major, the pairs each group got [G] and its seconds by the cost model [G]."""
+    token-major, and the pairs each group got [G]."""
     t, k = experts.shape
     h = x.shape[1]
-    dest, counts, seconds = pair_destinations(experts, holders, num_groups, cost)  # [N], [G], [G]
+    dest, counts = pair_destinations(experts, holders, num_groups)  # [N], [G]
     order = torch.argsort(dest, stable=True)  # [N] by destination group
     none = [0] * num_routers
     send_counts = torch.tensor(none + counts, dtype=torch.long, device=x.device)  # [P]
@@ -87,7 +83,7 @@ def router_exchange(
     plane.all_to_all(back, x.new_empty(0, h), none + counts, [0] * p)
     out = torch.empty_like(back)
     out[order] = back  # un-permute to token-major pairs
-    return out, counts, seconds
+    return out, counts
 
 
 def group_exchange(

@@ -128,6 +128,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # [V], [V]
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # keep the smallest set reaching top_p
+        drop = before >= params.top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # and the top token always: a top_p under fp32's range (1e-309) reads as 0
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

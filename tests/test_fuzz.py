@@ -51,8 +51,10 @@ token_ids = st.lists(st.integers(min_value=-5, max_value=40000), max_size=12)
 
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Valid values three times in four, any JSON otherwise: deep paths get exercised too."""
-    return st.one_of(valid, valid, valid, json_value)
+    """Valid values three times in four, any JSON otherwise: deep paths get exercised too.
+    (Not `one_of(valid, valid, valid, json_value)`: hypothesis merges equal branches, which made
+    it one in two, and how many of the 1000 bodies got past validation drifted from run to run.)"""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda ok: valid if ok else json_value)
 
 
 message = st.fixed_dictionaries(

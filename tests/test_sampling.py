@@ -23,6 +23,7 @@ def test_greedy_and_degenerate_cuts_pick_the_argmax() -> None:
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=1.0, top_k=1),
         SamplingParams(temperature=5.0, top_p=0.01),
+        SamplingParams(temperature=1.0, top_p=2.2e-309),  # under fp32's range: was a failed draw (a 500)
     ):
         assert set(draws(params, n=200).tolist()) == {0}
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -123,6 +124,20 @@ class DataPlane:
         """The [P] split sizes every member sends every other, exchanged before the rows."""
         with _broken_if_failed("all-to-all"):
             dist.all_to_all_single(output, input, group=self.moe_group)
+
+    def exchange_round_s(self, rounds: int = 8) -> float:
+        """Seconds of one all-to-all of split sizes in the sub-group, the least of `rounds` (every
+        member calls it together): what a message of the exchange costs beside its rows."""
+        p = dist.get_world_size(self.moe_group)
+        sizes = torch.zeros(p, dtype=torch.long, device=self.device)
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            self.all_to_all_counts(torch.empty_like(sizes), sizes)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - start)
+        return best
 
     def abort(self) -> None:
         """Tear the groups down: their connections close, so peers waiting on this worker fail at once

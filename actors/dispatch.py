@@ -17,27 +17,30 @@ from collections.abc import Callable, Sequence
 import torch
 
 from actors.data_plane import DataPlane
-from protocol.experts import split_tokens
+from protocol.expert_cost import ExpertCost, layer_seconds, split_pairs
 
 MAX_EXPERTS_IN_COLUMN = 256  # integers a bf16 column holds exactly
 
 
 def pair_destinations(
-    experts: torch.Tensor, holders: Sequence[Sequence[int]], num_groups: int
-) -> tuple[torch.Tensor, list[int]]:
-    """The group each (token, expert) pair goes to: experts [T, K] -> dest [T*K], and pairs per group [G].
+    experts: torch.Tensor, holders: Sequence[Sequence[int]], num_groups: int, cost: ExpertCost
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """The group each (token, expert) pair goes to: experts [T, K] -> dest [T*K], pairs per group [G],
+    and each group's seconds by the cost model [G].
 
-    An expert held by several groups has its pairs split between them by load (`split_tokens`), in
+    An expert held by several groups has its pairs split between them so that the slowest group is
+    as fast as `cost` allows (`split_pairs`), in
     token order: the first ones to its first holder, and so on. Per-expert counts are read to the
     host once: the split sizes of the all-to-all follow from them anyway."""
     flat = experts.flatten()  # [N] token-major
     num_experts = len(holders)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # the layer's one host read
-    shares, per_group = split_tokens(counts, holders, num_groups)
+    shares, per_group = split_pairs(counts, holders, num_groups, cost)
+    seconds = layer_seconds(shares, holders, num_groups, cost)
     device = flat.device
     if all(len(h) == 1 for h in holders):  # no replicas: one lookup
         primary = torch.tensor([h[0] for h in holders], dtype=torch.long, device=device)  # [E]
-        return primary[flat], per_group
+        return primary[flat], per_group, seconds
     width = max(len(h) for h in holders)
     group = torch.tensor([list(h) + [h[0]] * (width - len(h)) for h in holders], device=device)  # [E, R]
     ends = torch.tensor([_cumulative(s) + [counts[e]] * (width - len(s)) for e, s in enumerate(shares)],
@@ -47,7 +50,7 @@ def pair_destinations(
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(len(flat), device=device) - starts[flat[order]]  # [N] index among its expert's pairs
     replica = (rank[:, None] >= ends[flat]).sum(dim=1)  # [N] which holder's range it falls in
-    return group[flat, replica], per_group
+    return group[flat, replica], per_group, seconds
 
 
 def _cumulative(values: Sequence[int]) -> list[int]:
@@ -65,12 +68,13 @@ def router_exchange(
     num_routers: int,
     num_groups: int,
     plane: DataPlane,
-) -> tuple[torch.Tensor, list[int]]:
+    cost: ExpertCost,
+) -> tuple[torch.Tensor, list[int], list[float]]:
     """Send each (token, expert) pair's row to a group holding its expert; the results [T*K, H],
-    token-major, and the pairs each group got [G]."""
+    token-major, the pairs each group got [G] and its seconds by the cost model [G]."""
     t, k = experts.shape
     h = x.shape[1]
-    dest, counts = pair_destinations(experts, holders, num_groups)  # [N], [G]
+    dest, counts, seconds = pair_destinations(experts, holders, num_groups, cost)  # [N], [G], [G]
     order = torch.argsort(dest, stable=True)  # [N] by destination group
     none = [0] * num_routers
     send_counts = torch.tensor(none + counts, dtype=torch.long, device=x.device)  # [P]
@@ -83,7 +87,7 @@ def router_exchange(
     plane.all_to_all(back, x.new_empty(0, h), none + counts, [0] * p)
     out = torch.empty_like(back)
     out[order] = back  # un-permute to token-major pairs
-    return out, counts
+    return out, counts, seconds
 
 
 def group_exchange(

@@ -11,6 +11,8 @@ and `commit`, which the engine sends between two steps, switches to them.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import ray
@@ -43,6 +45,34 @@ class ExpertGroup(Worker):
         if moves:  # a replacement for a worker of a copy whose experts were re-placed since it started
             self._read(moves)
             self.commit()
+
+    @torch.inference_mode()
+    def calibrate(self, rows: int = 64, repeats: int = 5) -> tuple[float, float, str, int]:
+        """(weight_s, row_s, lane, lanes there) of this device, measured: one expert's FFN on 1 row
+        and on `rows` rows (the least of `repeats` each). The difference per row is a row's compute;
+        what one row costs beyond it, the read of the expert's weights. The lane is what this group
+        computes on (its GPU; on CPU its node, which has cores / threads of them)."""
+        ffn = self.model.expert_ffns()[0]
+        h = self.config.hidden_size
+
+        def seconds(n: int) -> float:
+            x = torch.randn(n, h, dtype=self.dtype, device=self.device)  # [n, H]
+            local = torch.zeros(n, dtype=torch.long, device=self.device)  # [n] all to slot 0
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first warms up
+                start = time.perf_counter()
+                ffn(x, local)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        one, many = seconds(1), seconds(rows)
+        row_s = max((many - one) / (rows - 1), 1e-9)
+        node = ray.get_runtime_context().get_node_id()
+        if self.device.type == "cuda":
+            return max(one - row_s, 0.0), row_s, f"{node}:{torch.cuda.get_device_properties(self.device).uuid}", 1
+        return max(one - row_s, 0.0), row_s, node, max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
 
     def _local_table(self) -> torch.Tensor:
         """[L, E] global expert id -> its slot here, per layer (-1: not held)."""

@@ -17,6 +17,7 @@ import torch
 
 from actors.dispatch import router_exchange
 from actors.worker import Worker
+from protocol.expert_cost import TOKENS, ExpertCost
 from protocol.experts import Placement, holders
 from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
@@ -29,24 +30,30 @@ class Router(Worker):
         self.num_routers = cluster.routers
         self.num_groups = cluster.expert_groups
         self.commit_placement(setup.placement)
+        self.cost = setup.expert_cost or TOKENS  # until the copy's measured one comes (`set_cost`)
         self.total_counts = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long)  # [L, E]
 
     def commit_placement(self, placement: Placement) -> None:
         """Route by a new placement from the next step on (the engine calls it between steps)."""
         self.holders = [holders(groups, self.config.num_experts) for groups in placement]  # [L][E] -> groups
 
+    def set_cost(self, cost: ExpertCost) -> None:
+        """Split replicated experts' pairs by this cost model from the next step on."""
+        self.cost = cost
+
     def expert_counts(self) -> torch.Tensor:
         """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
         return self.total_counts.clone()
 
-    def run_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run every layer's routing for this step; returns tokens per expert [L, E] and the
-        (token, expert) pairs it sent each expert group [L, G]."""
+    def run_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run every layer's routing for this step; returns tokens per expert [L, E], the (token,
+        expert) pairs it sent each expert group [L, G] and their seconds by the cost model [L, G]."""
         cfg, clock = self.config, self.clock
         clock.begin_step()
         sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)  # [L, E]
         self.group_tokens = torch.zeros(cfg.num_layers, self.num_groups, dtype=torch.long)  # [L, G]
+        self.group_seconds = torch.zeros(cfg.num_layers, self.num_groups, dtype=torch.float64)  # [L, G]
         for i, layer in enumerate(self.model.decoder_layers()):
             with clock("shard_recv"):  # from every shard with rows, at once
                 x = torch.empty(sum(sizes), cfg.hidden_size, dtype=self.dtype, device=self.device)  # [T, H]
@@ -64,16 +71,21 @@ class Router(Worker):
         step_counts = counts.cpu()  # read once per step
         self.total_counts += step_counts
         clock.end_step()
-        return step_counts, self.group_tokens
+        return step_counts, self.group_tokens, self.group_seconds
 
     def exchange(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """A layer's experts, reached over the data plane: x [T, H], ids [T, K] -> [T*K, H]."""
         with self.clock("exchange"):  # includes the expert groups' compute
-            y, per_group = router_exchange(
-                x, ids, self.holders[layer], self.num_routers, self.num_groups, self.data_plane
+            y, per_group, seconds = router_exchange(
+                x, ids, self.holders[layer], self.num_routers, self.num_groups, self.data_plane, self.cost
             )
         self.group_tokens[layer] += torch.tensor(per_group)
+        self.group_seconds[layer] += torch.tensor(seconds, dtype=torch.float64)
         return y
 
     def settings(self) -> dict[str, Any]:
-        return super().settings() | {"holders": self.holders, "shards": list(self.spec.shards)}
+        return super().settings() | {
+            "holders": self.holders,
+            "shards": list(self.spec.shards),
+            "cost": self.cost.as_dict(),
+        }

@@ -79,9 +79,10 @@ class Worker(abc.ABC):
         """This node's IP and a free TCP port for the process group's rendezvous (asked of rank 0)."""
         return free_address()
 
-    def join(self, master_addr: str, master_port: int) -> None:
+    def join(self, master_addr: str, master_port: int) -> float | None:
         """Form the data plane: the world group, and the router + expert-group sub-group (every rank
-        calls it). A worker that had one (a survivor of a lost worker) leaves it first."""
+        calls it). A worker that had one (a survivor of a lost worker) leaves it first. Members of the
+        sub-group then time its all-to-all together (`DataPlane.exchange_round_s`) and return it."""
         if self.plane is not None:
             self.plane.abort()
         cfg = self.setup.config
@@ -97,6 +98,7 @@ class Worker(abc.ABC):
             cfg.cluster.data_plane, self.device, master_addr, master_port, self.spec.rank, world,
             self.setup.moe_ranks, cfg.cluster.data_plane_timeout_s,
         )  # fmt: skip
+        return self.plane.exchange_round_s() if self.spec.rank in self.setup.moe_ranks else None
 
     @property
     def data_plane(self) -> DataPlane:

@@ -34,8 +34,9 @@ from protocol.config import Transport
 PARTS = ("attention", "head", "gating", "expert_ffn", "data_plane", "control")
 
 
-def decode_breakdown(profile: dict[str, Any]) -> dict[str, float]:
-    """Mean milliseconds per decode step of each part (and `step`, `steps`), from `LLM.step_profile()`."""
+def decode_breakdown(profile: dict[str, Any], decode: bool = True) -> dict[str, float]:
+    """Mean milliseconds per decode step (`decode=False`: per step with a prompt chunk) of each part
+    (and `step`, `steps`), from `LLM.step_profile()`."""
     engine = profile["engine"]
     workers = profile["workers"]
     shards = [v for k, v in workers.items() if k.startswith("attention")]
@@ -43,7 +44,7 @@ def decode_breakdown(profile: dict[str, Any]) -> dict[str, float]:
     groups = [v for k, v in workers.items() if k.startswith("experts")]
     rows: list[dict[str, float]] = []
     for i, rec in enumerate(engine):
-        if not rec["decode"]:
+        if rec["decode"] != decode:
             continue
         busy = [s[i] for s in shards if "attention" in s[i]]  # shards with sequences this step
         shard = {k: statistics.fmean(s.get(k, 0.0) for s in busy) for k in ("attention", "head", "moe_wait")}
@@ -61,7 +62,7 @@ def decode_breakdown(profile: dict[str, Any]) -> dict[str, float]:
             "tokens": rec["tokens"],
         })  # fmt: skip
     if not rows:
-        raise ValueError("no decode steps were recorded")
+        raise ValueError(f"no {'decode' if decode else 'prefill'} steps were recorded")
     out = {k: 1000 * statistics.fmean(r[k] for r in rows) for k in (*PARTS, "step")}
     out["data_plane_median"] = 1000 * statistics.median(r["data_plane"] for r in rows)
     out["steps"] = len(rows)

@@ -62,17 +62,26 @@ def markdown(r: dict[str, Any]) -> str:
     sk = r.get("skewed")
     if sk:
         lines += ["", "## Skewed expert load (G=4, 4 redundant experts): before and after re-placement", "",
-                  "| placement | tokens/s | imbalance | pairs per group | step ms | expert_ffn ms | data_plane ms |",
-                  "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+                  "| placement | tokens/s | imbalance | cost imbalance (decode / prefill) | step | ms | "
+                  "expert_ffn ms | data_plane ms |",
+                  "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
         for phase in ("before", "after"):
-            p, b = sk[phase], sk[phase]["breakdown"]
-            lines.append(f"| {phase} re-placement | {p['tokens_per_s']:.1f} | {p['imbalance']:.2f} | "
-                         f"{p['tokens_per_group']} | {b['step']:.2f} | {b['expert_ffn']:.2f} | "
-                         f"{b['data_plane']:.2f} |")  # fmt: skip
+            p = sk[phase]
+            ci = p.get("cost_imbalance", {})
+            for step, b in (("decode", p["breakdown"]), ("prefill", p.get("prefill_breakdown"))):
+                if b is None:
+                    continue
+                lines.append(f"| {phase} re-placement | {p['tokens_per_s']:.1f} | {p['imbalance']:.2f} | "
+                             f"{ci.get('decode', 1.0):.2f} / {ci.get('prefill', 1.0):.2f} | {step} | "
+                             f"{b['step']:.2f} | {b['expert_ffn']:.2f} | {b['data_plane']:.2f} |")  # fmt: skip
         rb = sk["rebalance"]
-        lines.append(f"\nThe re-placement moved {rb['moved']} expert weights (layer x slot); it predicted the "
-                     f"imbalance {rb['imbalance_before']:.2f} -> {rb['imbalance_after']:.2f} for the load it "
-                     "saw.")  # fmt: skip
+        nan = float("nan")
+        predicted = "; ".join(f"{k} expert ms {v['expert_ms_before']:.3f} -> {v.get('expert_ms_after', nan):.3f}"
+                              for k, v in rb.get("phases", {}).items())  # fmt: skip
+        refused = f"; refused: {rb['refused']}" if "refused" in rb else ""
+        lines.append(f"\nThe re-placement moved {rb['moved']} expert weights (layer x slot); it predicted the pair "
+                     f"imbalance {rb['imbalance_before']:.2f} -> {rb.get('imbalance_after', nan):.2f} "
+                     f"for the load it saw ({predicted}){refused}.")  # fmt: skip
     lat = r.get("latency", [])
     if lat:
         lines += ["", "## Serving latency (HTTP, streamed)", "",

@@ -5,8 +5,8 @@ The skewed copy of the benchmark checkpoint (`workload.skewed_copy`: experts 6 a
 tokens of every layer, and the initial placement puts them in one group) runs on G=4 expert
 groups over 8 experts with 4 redundant slots. The same workload runs twice on one copy: with the
 initial placement, then after `rebalance()` has given the hot experts replicas. Each run reports
-throughput, the imbalance (heaviest group's pairs over the mean, per layer) and the decode-step
-breakdown.
+throughput, the imbalance (heaviest group's pairs over the mean, per layer), the cost model's
+imbalance per phase, and the breakdowns of a decode step and of a 512-token prefill step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cluster.llm import LLM
 
 logger = logging.getLogger(__name__)
 
+PREFILL_TOKENS = 512  # the prefill step measured: one prompt this long, in one step
 LAYOUT: dict[str, Any] = {"attention_shards": 1, "routers": 1, "expert_groups": 4, "redundant_experts": 4}
 
 
@@ -31,6 +32,7 @@ def skewed_load(
     skewed = checkpoint.parent / f"{checkpoint.name}-skewed"
     if not (skewed / "config.json").is_file():
         skewed_copy(checkpoint, skewed)
+    engine = engine | {"max_batched_tokens": max(engine.get("max_batched_tokens", 0), PREFILL_TOKENS)}
     with LLM(skewed, **LAYOUT, **engine) as llm:
         vocab = llm.model_config.vocab_size
         workload = mixed_prompts(prompts, 8, max_len, vocab, seed=2)
@@ -44,9 +46,14 @@ def skewed_load(
             llm.profile(True)
             llm.generate(batch, throughput.greedy(new_tokens))
             steps = breakdown.decode_breakdown(llm.step_profile())
+            llm.profile(True)  # afresh: one prompt of PREFILL_TOKENS in one step
+            prompt = mixed_prompts(1, PREFILL_TOKENS, PREFILL_TOKENS, vocab, seed=4 if phase == "before" else 5)
+            llm.generate(prompt, throughput.greedy(1))  # a new prompt each time: nothing of it cached
+            prefill = breakdown.decode_breakdown(llm.step_profile(), decode=False)
             llm.profile(False)
             out[phase] = {"tokens_per_s": run.tokens_per_s(), "imbalance": load["imbalance"],
-                          "tokens_per_group": load["tokens_per_group"], "breakdown": steps}  # fmt: skip
+                          "cost_imbalance": load["cost_imbalance"], "tokens_per_group": load["tokens_per_group"],
+                          "breakdown": steps, "prefill_breakdown": prefill}  # fmt: skip
             logger.info("skewed load %s re-placement: %.1f tok/s, imbalance %.2f", phase, run.tokens_per_s(),
                         load["imbalance"])  # fmt: skip
         return out

@@ -16,6 +16,7 @@ allowed-token bitmask to the shard that samples it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field
 
-from cluster.placement import layer_imbalance
+from cluster.placement import RecordedStep, layer_imbalance
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
 from cluster.structured import Grammar, StructuredOutput, bitmask
@@ -36,6 +37,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.config import EngineSection
+from protocol.expert_cost import TOKENS, ExpertCost
 from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class RequestOutput:
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
+RECORDED_STEPS = 256  # the last steps' expert counts kept for the planner (`RecordedStep`)
 DecodeGraphSettings = tuple[int, int]  # (max_model_len, max_seqs) of the decode steps `DecodeGraphs` runs
 
 
@@ -129,20 +132,25 @@ class Executed:
     sampled: list[list[Sampled]]  # per attention shard
     expert_counts: torch.Tensor  # [L, E] tokens routed to each expert
     group_tokens: torch.Tensor  # [L, G] (token, expert) pairs each expert group computed
+    group_seconds: torch.Tensor  # [L, G] their seconds by the copy's cost model (`protocol.expert_cost`)
 
 
 class Backend(Protocol):
     num_shards: int
     num_groups: int  # expert groups (1 in one process)
+    cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
     recoveries: list[dict[str, Any]]  # workers replaced after they died, and how long each took
 
     def execute(self, batches: list[ShardBatch]) -> Executed:
         """Run one step: per shard the sampled tokens, and where its tokens went."""
         ...
 
-    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
+    def begin_rebalance(
+        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+    ) -> dict[str, Any]:
         """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
-        `group_tokens` [L, G]) and start moving weights; the report of what it will do. Steps go on."""
+        `group_tokens` [L, G]; `steps`: the last steps' own counts) and start moving weights; the
+        report of what it will do, or why it keeps the placement it has ("refused"). Steps go on."""
         ...
 
     def finish_rebalance(self) -> dict[str, Any] | None:
@@ -166,6 +174,7 @@ class LocalBackend:
 
     num_shards = 1
     num_groups = 1
+    cost = TOKENS  # one group: nothing to split
 
     def __init__(
         self, model: Mixtral, num_blocks: int, block_size: int, decode_graphs: DecodeGraphSettings | None = None
@@ -207,9 +216,12 @@ class LocalBackend:
             logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)
             sampled = self.sampler.sample(batch, logits, p.spans)
         counts = counts.cpu()  # the counters are read once per step
-        return Executed([sampled], counts, counts.sum(dim=1, keepdim=True))  # one group: all the pairs
+        pairs = counts.sum(dim=1, keepdim=True)  # one group: all the pairs, nothing to balance
+        return Executed([sampled], counts, pairs, torch.zeros(pairs.shape, dtype=torch.float64))
 
-    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
+    def begin_rebalance(
+        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+    ) -> dict[str, Any]:
         raise RebalanceUnavailable("re-placing experts needs expert groups; this copy runs in one process")
 
     def finish_rebalance(self) -> dict[str, Any] | None:
@@ -289,6 +301,8 @@ class Engine:
         # Since the experts were last placed: what the next re-placement is computed from.
         self.since_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # [L, E]
         self.since_groups = torch.zeros(config.num_layers, backend.num_groups, dtype=torch.long)  # [L, G]
+        self.since_cost: dict[str, list[float]] = {}  # phase -> [layer times' sum s, ideal times' s, steps]
+        self.recorded: collections.deque[RecordedStep] = collections.deque(maxlen=RECORDED_STEPS)
         self.rebalance_interval_s = rebalance_interval_s
         self.rebalancing = False
         self.rebalances = 0  # re-placements done
@@ -383,8 +397,15 @@ class Engine:
         """Place the experts anew from the load since the last placement; weights move while steps go
         on, and `maintain` switches to it between two steps."""
         if not self.rebalancing:
-            self._pending = self.backend.begin_rebalance(self.since_counts.clone(), self.since_groups.clone())
-            self.rebalancing = True
+            report = self.backend.begin_rebalance(self.since_counts.clone(), self.since_groups.clone(),
+                                                  list(self.recorded))  # fmt: skip
+            if report.get("refused"):  # the placement stays: done, and the load keeps being counted
+                logger.info("re-placement refused: %s", report["refused"])
+                self.rebalances += 1
+                self.last_rebalance = report
+                self._placed_at = time.monotonic()
+            else:
+                self.rebalancing = True
 
     def maintain(self) -> None:
         """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
@@ -396,6 +417,8 @@ class Engine:
                 self.last_rebalance = report
                 self.since_counts.zero_()
                 self.since_groups.zero_()
+                self.since_cost.clear()
+                self.recorded.clear()
                 self._placed_at = time.monotonic()
         elif self.rebalance_interval_s is not None and time.monotonic() - self._placed_at >= self.rebalance_interval_s:
             if self.since_counts.sum() > 0:
@@ -409,11 +432,16 @@ class Engine:
         return self.rebalancing or self.rebalance_interval_s is not None
 
     def load(self) -> dict[str, Any]:
-        """(token, expert) pairs per expert group since the last placement (summed over layers), and
-        the imbalance: per layer the heaviest group over the mean, averaged over layers."""
+        """Since the last placement: (token, expert) pairs per expert group (summed over layers) and
+        their imbalance (per layer the heaviest group over the mean, averaged over layers); per phase
+        ("prefill": steps with a prompt chunk, "decode": the others) the cost model's expert
+        milliseconds per step (`ExpertCost.layer_time`, summed over layers) and its imbalance
+        (that over the same work spread evenly)."""
         return {
             "tokens_per_group": self.since_groups.sum(dim=0).tolist(),
             "imbalance": layer_imbalance(self.since_groups.tolist()),
+            "cost_imbalance": {p: slow / mean if mean > 0 else 1.0 for p, (slow, mean, _) in self.since_cost.items()},
+            "expert_ms_per_step": {p: 1e3 * slow / n for p, (slow, _, n) in self.since_cost.items()},
         }
 
     def num_running(self) -> int:
@@ -459,6 +487,13 @@ class Engine:
         self.expert_counts += result.expert_counts
         self.since_counts += result.expert_counts
         self.since_groups += result.group_tokens
+        phase = "prefill" if any(len(c.tokens) > 1 for b in batches for c in b.chunks) else "decode"
+        self.recorded.append((phase, result.expert_counts.tolist()))
+        acc = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
+        for seconds in result.group_seconds.tolist():  # [G] per layer
+            acc[0] += self.backend.cost.layer_time(seconds)
+            acc[1] += self.backend.cost.ideal_time(seconds)
+        acc[2] += 1
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
         results = {s.request_id: s for shard_out in result.sampled for s in shard_out}

@@ -31,6 +31,12 @@ class Metrics:
                                   "computed since the last placement", ["replica", "group"], registry=r)  # fmt: skip
         self.imbalance = Gauge("mixtral_expert_imbalance", "Heaviest expert group's pairs over the mean, "
                                "averaged over layers, since the last placement", ["replica"], registry=r)  # fmt: skip
+        self.cost_imbalance = Gauge("mixtral_expert_cost_imbalance", "Slowest expert group's seconds over the "
+                                    "mean by the cost model, per step phase, since the last placement",
+                                    ["replica", "phase"], registry=r)  # fmt: skip
+        self.expert_ms = Gauge("mixtral_expert_ms_per_step", "The slowest expert group's milliseconds per step by "
+                               "the cost model (summed over layers), per phase, since the last placement",
+                               ["replica", "phase"], registry=r)  # fmt: skip
 
     def observe_engine(self, stats: dict[str, Any]) -> None:
         replica = str(stats["replica"])
@@ -43,6 +49,10 @@ class Metrics:
         for group, n in enumerate(stats["tokens_per_group"]):
             self.group_tokens.labels(replica, str(group)).set(n)
         self.imbalance.labels(replica).set(stats["imbalance"])
+        for phase, value in stats["cost_imbalance"].items():
+            self.cost_imbalance.labels(replica, phase).set(value)
+        for phase, value in stats["expert_ms_per_step"].items():
+            self.expert_ms.labels(replica, phase).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model.checkpoint import expected_shape
 from model.config import ModelConfig
 from protocol.config import ClusterSection, LLMConfig, Strategy
+from protocol.expert_cost import ExpertCost, layer_seconds, split_pairs
+from protocol.experts import Placement, holders
 from protocol.worker import ROLE_PARTS, WorkerSetup, WorkerSpec
 
 
@@ -339,3 +342,99 @@ def _whole_gpus(num_workers: int, gpus_per_node: int, strategy: Strategy, num_no
     if strategy == "STRICT_SPREAD" and num_workers > nodes:
         raise PlacementError(f"STRICT_SPREAD needs one node per worker: {num_workers} workers, {nodes} nodes")
     return [Slot(i % nodes, i // nodes) for i in range(num_workers)]
+
+
+# ---- what a placement costs: the recorded steps replayed under the cost model ------------------
+
+RecordedStep = tuple[str, list[list[int]]]  # (phase, [layer][expert] -> pairs) of one step
+
+
+def predict_steps(
+    steps: Sequence[RecordedStep], placement: Placement, num_groups: int, cost: ExpertCost
+) -> dict[str, Any]:
+    """What `steps` cost under `placement`, each split as the routers split it (`split_pairs`): the
+    pair imbalance over them all (`layer_imbalance` of the summed pairs), and per phase the expert
+    milliseconds per step (`ExpertCost.layer_time`, summed over layers) and the cost imbalance
+    (that over the same work spread evenly, `ideal_time`). A split per step and layer: the planner
+    runs it, between steps."""
+    num_experts = len(steps[0][1][0]) if steps else 0
+    held = [holders(groups, num_experts) for groups in placement]  # [L][E] -> groups
+    pairs = [[0] * num_groups for _ in placement]  # [L][G]
+    phases: dict[str, list[float]] = {}  # phase -> [layer time s, ideal time s, steps]
+    for phase, counts in steps:
+        acc = phases.setdefault(phase, [0.0, 0.0, 0])
+        for layer, layer_counts in enumerate(counts):
+            shares, per_group = split_pairs(layer_counts, held[layer], num_groups, cost)
+            seconds = layer_seconds(shares, held[layer], num_groups, cost)
+            acc[0] += cost.layer_time(seconds)
+            acc[1] += cost.ideal_time(seconds)
+            pairs[layer] = [a + b for a, b in zip(pairs[layer], per_group, strict=True)]
+        acc[2] += 1
+    return {
+        "pair_imbalance": layer_imbalance(pairs),
+        "phases": {
+            p: {"expert_ms": 1e3 * slow / n, "cost_imbalance": slow / mean if mean > 0 else 1.0}
+            for p, (slow, mean, n) in phases.items()
+        },
+    }
+
+
+def plan_placement(
+    steps: Sequence[RecordedStep], current: Placement, slots: Sequence[int], cost: ExpertCost
+) -> tuple[Placement, dict[str, Any]]:
+    """The placement for the load of `steps` that the cost model expects to be fastest, and the
+    report: each phase's predicted expert ms per step and cost imbalance now and with it, and the
+    pair imbalance it predicts. Candidates: `place_experts` on the load of all steps and on each
+    phase's alone (the phases want replicas of different experts when they load differently),
+    each keeping `current`'s slots where it can; the one with the least predicted time over all
+    steps wins. A candidate that predicts any phase slower than now, or no step faster, is not
+    taken: if none is left, the report says why ("refused") and `current` stays."""
+    phases = sorted(_steps_per_phase(steps))
+    loads = [_summed(steps)] + ([_summed([s for s in steps if s[0] == p]) for p in phases] if len(phases) > 1 else [])
+    now = predict_steps(steps, current, len(slots), cost)
+    per_phase = _steps_per_phase(steps)
+    now_total = sum(now["phases"][p]["expert_ms"] * n for p, n in per_phase.items())
+    best: tuple[float, Placement, dict[str, Any]] | None = None
+    slower: list[str] = []
+    for load in loads:
+        candidate: Placement = tuple(
+            tuple(tuple(g) for g in place_experts(layer_load, slots, previous=old))
+            for layer_load, old in zip(load, current, strict=True)
+        )
+        then = predict_steps(steps, candidate, len(slots), cost)
+        worse = [p for p, f in now["phases"].items() if then["phases"][p]["expert_ms"] > f["expert_ms"] * (1 + 1e-9)]
+        total = sum(then["phases"][p]["expert_ms"] * n for p, n in per_phase.items())
+        if worse:
+            slower += worse
+        elif total < now_total * (1 - 1e-9) and (best is None or total < best[0]):
+            best = (total, candidate, then)
+    report: dict[str, Any] = {
+        "phases": {
+            p: {"expert_ms_before": f["expert_ms"], "cost_imbalance_before": f["cost_imbalance"]}
+            for p, f in now["phases"].items()
+        },
+        "predicted_pair_imbalance_before": now["pair_imbalance"],
+        "cost": cost.as_dict(),
+    }
+    if best is None:
+        why = f"slower {' and '.join(sorted(set(slower)))} steps" if slower else "no faster step"
+        report["refused"] = f"every placement tried predicts {why} than the one the experts have: it stays"
+        return current, report
+    _, chosen, then = best
+    for p, figures in report["phases"].items():
+        figures["expert_ms_after"] = then["phases"][p]["expert_ms"]
+        figures["cost_imbalance_after"] = then["phases"][p]["cost_imbalance"]
+    report["imbalance_after"] = then["pair_imbalance"]
+    return chosen, report
+
+
+def _summed(steps: Sequence[RecordedStep]) -> list[list[float]]:
+    """[layer][expert] -> pairs over `steps`."""
+    return [[float(sum(x)) for x in zip(*layer, strict=True)] for layer in zip(*(c for _, c in steps), strict=True)]
+
+
+def _steps_per_phase(steps: Sequence[RecordedStep]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for phase, _ in steps:
+        out[phase] = out.get(phase, 0) + 1
+    return out

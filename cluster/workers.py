@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import statistics
 import time
 from typing import Any
 
@@ -30,17 +31,19 @@ from cluster.engine import EngineError, Executed, Report, ShardsLost
 from cluster.placement import (
     Layout,
     PlacementError,
+    RecordedStep,
     bundles,
     check_memory,
     check_resources,
     check_transport,
     layer_imbalance,
-    place_experts,
+    plan_placement,
     slots_per_group,
     worker_resources,
     worker_specs,
 )
-from protocol.experts import Placement, holders, split_tokens
+from protocol.expert_cost import ExpertCost
+from protocol.experts import Placement
 from protocol.step import ShardBatch, StepPlan
 from protocol.worker import Role, WorkerSetup
 
@@ -167,6 +170,11 @@ class RayBackend:
             self.actors = self._start_actors()
             self._wait_loaded(timeout_s=max(self.step_timeout_s, STARTUP_TIMEOUT_S))
             self._form_data_plane(timeout_s=max(self.step_timeout_s, STARTUP_TIMEOUT_S))
+            self.cost = self._measure_cost(timeout_s=max(self.step_timeout_s, STARTUP_TIMEOUT_S))
+            self.setup = dataclasses.replace(self.setup, expert_cost=self.cost)  # replacements start with it
+            self._get([a.set_cost.remote(self.cost) for a, s in zip(self.actors, self.specs, strict=True)
+                       if s.role == "router"], self.step_timeout_s, "start-up",
+                      workers=[i for i, s in enumerate(self.specs) if s.role == "router"])  # fmt: skip
         except BaseException:
             self.shutdown()
             raise
@@ -288,7 +296,36 @@ class RayBackend:
             f"the workers could not all connect to rank 0 at {addr}:{port}: check that the hosts reach each "
             "other on their Ray addresses (any TCP port), or name the interface: cluster.network_interface"
         )
-        self._get([a.join.remote(addr, port) for a in self.actors], timeout_s, "start-up phase 'data plane'", hint=hint)
+        rounds = self._get([a.join.remote(addr, port) for a in self.actors], timeout_s,
+                           "start-up phase 'data plane'", hint=hint)  # fmt: skip
+        self.exchange_round_s = max(r for r in rounds if r is not None)
+
+    def _measure_cost(self, timeout_s: float) -> ExpertCost:
+        """The copy's cost model (`protocol.expert_cost`): each expert group times one expert's FFN on
+        1 and 64 rows, the sub-group timed a small all-to-all as it formed. A message's cost is that
+        round's share per peer, twice (the rows go, the results come back). Lanes: groups on one GPU
+        share it; on CPU a node's groups share its cores (over each worker's threads)."""
+        groups = [i for i, s in enumerate(self.specs) if s.role == "experts"]
+        rates = self._get([self.actors[i].calibrate.remote() for i in groups], timeout_s, "start-up phase "
+                          "'calibrating'", workers=groups)  # fmt: skip
+        peers = self.layout.routers + self.layout.expert_groups - 1
+        groups_on: dict[str, int] = {}
+        lanes_of: dict[str, int] = {}
+        for _, _, lane, there in rates:
+            groups_on[lane] = groups_on.get(lane, 0) + 1
+            lanes_of[lane] = there
+        lanes = sum(min(n, lanes_of[lane]) for lane, n in groups_on.items())
+        cost = ExpertCost(
+            weight_s=statistics.median(r[0] for r in rates),
+            row_s=statistics.median(r[1] for r in rates),
+            message_s=2 * self.exchange_round_s / max(peers, 1),
+            lanes=lanes if lanes < len(rates) else 0,
+            source=f"measured at start-up on {self.setup.config.cluster.device}",
+        )
+        logger.info("expert cost model: weights %.1f us, row %.2f us, message %.1f us per layer and group, "
+                    "%s", cost.weight_s * 1e6, cost.row_s * 1e6, cost.message_s * 1e6,
+                    f"{cost.lanes} lanes for {len(rates)} groups" if cost.lanes else "a device per group")  # fmt: skip
+        return cost
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -318,9 +355,10 @@ class RayBackend:
     def _executed(self, results: list[Any]) -> Executed:
         a, r = self.layout.attention_shards, self.layout.routers
         routed = results[a : a + r]  # each router's (tokens per expert [L, E], pairs per group [L, G])
-        counts = torch.stack([c for c, _ in routed]).sum(0)
-        groups = torch.stack([g for _, g in routed]).sum(0)
-        return Executed(results[:a], counts, groups)
+        counts = torch.stack([c for c, _, _ in routed]).sum(0)
+        groups = torch.stack([g for _, g, _ in routed]).sum(0)
+        seconds = torch.stack([s for _, _, s in routed]).sum(0)
+        return Executed(results[:a], counts, groups, seconds)
 
     def _step_everywhere(self, plan: Any) -> tuple[list[Any], list[int], dict[str, BaseException]]:
         """Run a step on every worker and wait for all of them (survivors of a dead worker fail fast:
@@ -396,20 +434,22 @@ class RayBackend:
 
     # ---- expert placement --------------------------------------------------------------------
 
-    def begin_rebalance(self, expert_counts: torch.Tensor, group_tokens: torch.Tensor) -> dict[str, Any]:
-        """Place every layer's experts for the load `expert_counts` [L, E]; the groups start reading the
-        weights of experts new to them from the checkpoint, beside their steps. `finish_rebalance`
-        switches to it between steps. The report: the placement, the imbalance of `group_tokens`
-        (what the load cost with the placement it had) and the imbalance it will have for that load."""
+    def begin_rebalance(
+        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+    ) -> dict[str, Any]:
+        """Place every layer's experts for the load of `steps` (the last ones recorded; without them,
+        `expert_counts` [L, E] as one step) by the cost model (`plan_placement`); the groups start
+        reading the weights of experts new to them from the checkpoint, beside their steps, and
+        `finish_rebalance` switches to it between steps. The report: the placement, the measured pair
+        imbalance of `group_tokens` and the predicted one, per phase the predicted expert ms per step
+        before and after; or "refused", and nothing moves, where every placement predicts a slower phase."""
         if self._staging is not None:
             raise RuntimeError("a re-placement is already under way")
-        num_experts = self.setup.model.num_experts
-        new: Placement = tuple(
-            tuple(tuple(g) for g in place_experts(load, self.slots, previous=old))
-            for load, old in zip(expert_counts.tolist(), self.placement, strict=True)
-        )
-        predicted = [split_tokens(load, holders(groups, num_experts), len(self.slots))[1]
-                     for load, groups in zip(expert_counts.tolist(), new, strict=True)]  # fmt: skip
+        steps = steps or [("all", expert_counts.tolist())]
+        new, report = plan_placement(steps, self.placement, self.slots, self.cost)
+        report = {"imbalance_before": layer_imbalance(group_tokens.tolist())} | report
+        if "refused" in report:
+            return report | {"moved": 0, "placement": [[list(g) for g in layer] for layer in self.placement]}
         refs, moved = [], 0
         for spec, actor in zip(self.specs, self.actors, strict=True):
             if spec.role == "experts":
@@ -417,12 +457,7 @@ class RayBackend:
                 moved += sum(len(by_slot) for by_slot in moves.values())
                 if moves:
                     refs.append(actor.stage.remote(moves))
-        report = {
-            "imbalance_before": layer_imbalance(group_tokens.tolist()),
-            "imbalance_after": layer_imbalance(predicted),
-            "moved": moved,
-            "placement": [[list(g) for g in layer] for layer in new],
-        }
+        report |= {"moved": moved, "placement": [[list(g) for g in layer] for layer in new]}
         self._staging = (new, refs, report)
         logger.info("re-placing experts: %d expert weights to move", moved)
         return report

@@ -13,6 +13,7 @@ from typing import Literal
 from model.checkpoint import weight_names
 from model.config import ModelConfig, Part
 from protocol.config import LLMConfig
+from protocol.expert_cost import ExpertCost
 from protocol.experts import Placement
 
 Role = Literal["attention", "router", "experts"]
@@ -52,6 +53,7 @@ class WorkerSetup:
     num_blocks: int  # KV blocks per attention shard
     router_ranks: tuple[int, ...]  # global rank of each router
     placement: Placement  # per layer, per expert group: the expert held in each of its slots
+    expert_cost: ExpertCost | None = None  # the copy's measured cost model, once it has one (replacements)
 
     @property
     def moe_ranks(self) -> list[int]:

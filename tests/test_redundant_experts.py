@@ -103,3 +103,25 @@ def test_rebalancing_on_an_interval_and_only_where_there_are_groups(skewed: Path
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
     with LLM(skewed, single_process=True) as single, pytest.raises(RebalanceUnavailable, match="one process"):
         single.rebalance()
+
+
+def test_the_same_prompts_after_replacement_measure_what_the_planner_predicted(skewed: Path) -> None:
+    """The planner replays the recorded steps under the new placement with the routers' own split
+    (`split_pairs` by the copy's measured cost model), so running the same prompts again (no prefix
+    cache: the same steps) measures the pair imbalance it predicted, and each phase's modelled
+    expert time is what it said."""
+    with LLM(skewed, **COPY, prefix_caching=False) as llm:
+        cost = next(s["cost"] for n, s in llm.backend.reports("settings").items() if n.startswith("router"))
+        assert cost["source"].startswith("measured") and cost["row_s"] > 0 and cost["weight_s"] >= 0
+        llm.generate(PROMPTS, GREEDY)
+        before = llm.stats()
+        report = llm.rebalance()
+        assert "refused" not in report, report
+        assert report["imbalance_before"] == pytest.approx(before["imbalance"])
+        llm.generate(PROMPTS, GREEDY)
+        after = llm.stats()
+        assert abs(after["imbalance"] - report["imbalance_after"]) <= 0.05, (after, report)
+        for phase, figures in report["phases"].items():
+            assert after["expert_ms_per_step"][phase] == pytest.approx(figures["expert_ms_after"], rel=0.05)
+            assert figures["expert_ms_after"] < figures["expert_ms_before"]
+            assert after["cost_imbalance"][phase] < before["cost_imbalance"][phase]

@@ -230,7 +230,8 @@ def test_metrics_are_prometheus_text(http: httpx.Client) -> None:
                  "mixtral_time_to_first_token_seconds_bucket", "mixtral_inter_token_latency_seconds_bucket",
                  "mixtral_running_sequences", "mixtral_waiting_sequences", "mixtral_kv_blocks_in_use",
                  'mixtral_expert_tokens{expert="7",layer="3"', 'mixtral_expert_group_tokens{group="1"',
-                 "mixtral_expert_imbalance{"):  # fmt: skip
+                 "mixtral_expert_imbalance{", 'mixtral_expert_cost_imbalance{phase="decode"',
+                 'mixtral_expert_ms_per_step{phase="prefill"'):  # fmt: skip
         assert name in text, name
     generated = [ln for ln in text.splitlines() if ln.startswith("mixtral_generation_tokens_total ")]
     assert float(generated[0].split()[-1]) >= 3

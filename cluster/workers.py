@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 import statistics
 import time
 from typing import Any
@@ -65,6 +66,7 @@ KERNEL_BUILD_TIMEOUT_S = 900.0  # compiling the CPU kernels on a fresh host (~20
 STARTUP_TIMEOUT_S = 60.0  # the least any start-up phase after placement waits
 UNREACHABLE_GRACE_S = 5.0  # once a worker's step failed, how long the others may take to answer
 NO_ROOM_CONFIRM_S = 2.0  # a lost bundle with no free room for this long is taken as unplaceable
+DEAD_VERDICT_S = 30.0  # a silent worker whose host's raylet refuses: how long Ray may take to call it dead
 
 
 class RayRefused(ConnectionError):
@@ -154,6 +156,7 @@ class RayBackend:
         self.bundle_offset = bundle_offset
         self.owns_placement = placement is None
         self.actors: list[Any] = []
+        self.nodes: list[str] = []  # each worker's Ray node id, known once it has loaded
         if placement is None:
             ensure_ray(ray_address, sum(b.get("CPU", 0.0) for b in wanted))
             check_resources(wanted, available_nodes(), cfg.cluster.placement_strategy)
@@ -217,7 +220,8 @@ class RayBackend:
                 time.sleep(0.2)
             actor = self._start_actor(i, setup)
             try:
-                ray.get(actor.address.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                where = ray.get(actor.where.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                self.nodes[i] = where["node_id"]
                 return actor
             except RayActorError as e:
                 cancelled = "never ran" in str(e) or "cancelled" in str(e)
@@ -270,8 +274,10 @@ class RayBackend:
 
     def _wait_loaded(self, timeout_s: float) -> None:
         """Phase "loading": every worker has read its weights (its constructor has returned)."""
-        self._get([a.address.remote() for a in self.actors], timeout_s, "start-up phase 'loading' (reading weights)",
-                  hint="a slow disk or a checkpoint on a network mount: raise engine.step_timeout_s")  # fmt: skip
+        phase, hint = "start-up phase 'loading' (reading weights)", "a slow disk or a checkpoint on a network mount"
+        where = self._get([a.where.remote() for a in self.actors], timeout_s, phase,
+                          hint=f"{hint}: raise engine.step_timeout_s")  # fmt: skip
+        self.nodes = [w["node_id"] for w in where]
 
     def _start_actor(self, i: int, setup: WorkerSetup) -> Any:
         """Worker `i` (rank order) in its bundle of the placement group."""
@@ -366,25 +372,36 @@ class RayBackend:
         the data plane's deadline). Returns each worker's result (None where it failed), the dead
         workers, and the failures that were not a dead peer.
 
-        Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer: a worker still
-        silent then is on a host the engine cannot reach (partitioned, or crashed before Ray noticed).
-        Its bundle cannot be moved while Ray holds the host alive, so the copy is given up at once
+        Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer. A worker still
+        silent then whose host has lost its Ray (`_host_gone`: a crash Ray has not yet noticed) is
+        given up to `DEAD_VERDICT_S` more for Ray's verdict, then replaced. One whose host does not
+        answer at all is on a host the engine cannot reach (partitioned, or powered off): its bundle
+        cannot be moved while Ray holds the host alive, so the copy is given up at once
         (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not after
         `step_timeout_s`."""
         refs = [a.step.remote(plan) for a in self.actors]
         outcome: dict[int, Any] = {}  # worker -> result, or the exception its step raised
         pending = list(refs)
-        deadline = time.monotonic() + self.step_timeout_s
+        step_deadline = time.monotonic() + self.step_timeout_s
+        deadline, awaiting_verdict = step_deadline, False
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
             if not ready:
+                peer_failed = any(isinstance(o, RayError) for o in outcome.values())
+                if peer_failed and not awaiting_verdict and all(self._host_gone(refs.index(r)) for r in pending):
+                    # A crash: Ray calls the host dead within its health checks and fails these steps
+                    # (on a loaded machine that can take longer than the grace); they are replaced then.
+                    awaiting_verdict = True
+                    deadline = min(step_deadline, time.monotonic() + DEAD_VERDICT_S)
+                    continue
                 break
             i = refs.index(ready[0])
             try:
                 outcome[i] = ray.get(ready[0])
             except RayError as e:
                 outcome[i] = e
-                deadline = min(deadline, time.monotonic() + UNREACHABLE_GRACE_S)
+                if not awaiting_verdict:
+                    deadline = min(deadline, time.monotonic() + UNREACHABLE_GRACE_S)
         if pending:
             silent = [self.specs[refs.index(r)] for r in pending]
             self.shutdown()
@@ -411,6 +428,24 @@ class RayBackend:
                 errors[self.specs[i].name] = o
             results.append(None)
         return results, dead, errors
+
+    def _host_gone(self, i: int) -> bool:
+        """Whether worker `i`'s host has lost its Ray: Ray already calls its node dead, or the host
+        answers but its raylet's port refuses (its Ray processes died; Ray's health checks will call
+        it dead). A host that does not answer at all (partitioned, powered off) is not known gone."""
+        known = ray.nodes() if i < len(self.nodes) else []  # type: ignore[no-untyped-call]
+        node = next((n for n in known if n["NodeID"] == self.nodes[i]), None)
+        if node is None:
+            return False
+        if not node["Alive"]:
+            return True
+        try:
+            with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=1.0):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # timed out, no route: unreachable, not known gone
+            return False
 
     def _recover(self, dead: list[int]) -> None:
         """Replace the dead workers in their bundles (with the copy's current expert placement) and form

@@ -40,7 +40,9 @@ def test_a_crashed_host_is_replaced_on_the_others_and_no_request_fails(hosts: Ho
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["killed_processes"] > 0 and report["lost"], report
     assert report["in_flight"] > 0 and len(report["kinds_in_flight"]) >= 2, report
-    assert report["failed"] == [] and report["wrong"] == 0, report
+    brief = {k: report[k] for k in ("victim", "lost", "in_flight_outcomes", "recoveries", "serving_again_s")}
+    brief |= {"failed": len(report["failed"]), "first_ends": report["in_flight_ends"][:4]}
+    assert report["failed"] == [] and report["wrong"] == 0, brief  # the whole report is too long to read
     assert sorted(report["after"]) == sorted(report["before"])
     assert report["victim"] not in report["after"].values(), report  # replaced on the hosts left
     assert set(report["after"].values()) <= set(model_hosts) - {report["victim"]}

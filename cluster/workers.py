@@ -374,7 +374,7 @@ class RayBackend:
 
         Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer. A worker still
         silent then whose host has lost its Ray (`_host_gone`: a crash Ray has not yet noticed) is
-        given up to `DEAD_VERDICT_S` more for Ray's verdict, then replaced. One whose host does not
+        waited for up to `DEAD_VERDICT_S` more, until Ray calls it dead, then replaced. One whose host does not
         answer at all is on a host the engine cannot reach (partitioned, or powered off): its bundle
         cannot be moved while Ray holds the host alive, so the copy is given up at once
         (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not after
@@ -388,7 +388,8 @@ class RayBackend:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
             if not ready:
                 peer_failed = any(isinstance(o, RayError) for o in outcome.values())
-                if peer_failed and not awaiting_verdict and all(self._host_gone(refs.index(r)) for r in pending):
+                known = ray.nodes() if peer_failed and not awaiting_verdict else []  # type: ignore[no-untyped-call]
+                if known and all(self._host_gone(self.nodes[refs.index(r)], known) for r in pending):
                     # A crash: Ray calls the host dead within its health checks and fails these steps
                     # (on a loaded machine that can take longer than the grace); they are replaced then.
                     awaiting_verdict = True
@@ -429,12 +430,13 @@ class RayBackend:
             results.append(None)
         return results, dead, errors
 
-    def _host_gone(self, i: int) -> bool:
-        """Whether worker `i`'s host has lost its Ray: Ray already calls its node dead, or the host
-        answers but its raylet's port refuses (its Ray processes died; Ray's health checks will call
-        it dead). A host that does not answer at all (partitioned, powered off) is not known gone."""
-        known = ray.nodes() if i < len(self.nodes) else []  # type: ignore[no-untyped-call]
-        node = next((n for n in known if n["NodeID"] == self.nodes[i]), None)
+    @staticmethod
+    def _host_gone(node_id: str, known: list[dict[str, Any]]) -> bool:
+        """Whether the host of Ray node `node_id` (looked up in `known`, `ray.nodes()`) has lost its
+        Ray: Ray already calls it dead, or the host answers but its raylet's port refuses (its Ray
+        processes died; Ray's health checks will call it dead). A host that does not answer at all
+        (partitioned, powered off) is not known gone."""
+        node = next((n for n in known if n["NodeID"] == node_id), None)
         if node is None:
             return False
         if not node["Alive"]:

@@ -14,7 +14,7 @@ vectorises for the host CPU: `rows_linear` (x W^T for a few rows, several weight
 torch's kernels, in a different order.
 
 The extension is built with torch's JIT builder (g++ and ninja) into torch's extension cache,
-keyed by the source, the CPU's feature flags and the torch version, the first time a process
+keyed by the source (its text and path), the CPU's feature flags and the torch version, the first time a process
 asks for it (~20 s; later processes load it at once). `CpuKernels` asks for it when a model is
 built; where it cannot be built, `build()` returns None and the CPU kernels keep oneDNN and
 torch for everything.
@@ -43,7 +43,10 @@ def build() -> Any | None:
     from torch.utils import cpp_extension
 
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    # The source's path too: torch's builder rebuilds a name whose build file names another source, so
+    # two checkouts on one machine sharing a key would rebuild each other's extension every time.
+    identity = source + str(SOURCE).encode() + _cpu_flags().encode() + torch.__version__.encode()
+    key = hashlib.sha256(identity).hexdigest()[:12]
     logger.info("loading the CPU decode kernels (compiled on first use on a machine, ~20 s)")
     try:
         module = cpp_extension.load(

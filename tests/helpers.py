@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,27 @@ GRID_BASE = ModelConfig.preset("tiny").model_copy(update={"vocab_size": 512})
 # The engine tests' model: the real vocabulary (text round-trips) and a window shorter than
 # most prompts, so window-freed blocks and cache reads across blocks are always exercised.
 ENGINE_CONFIG = ModelConfig.preset("tiny").model_copy(update={"sliding_window": 12})
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_blocks(heading: str, language: str = "python") -> list[str]:
+    """The README's code blocks in `language` under the section `## heading` (up to the next `## `)."""
+    text = README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end != -1 else len(text)]
+    return re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def run_example(code: str, cwd: Path, timeout_s: float = 240) -> str:
+    """Run `code` as a script in `cwd`, with this checkout importable; its stdout."""
+    env = os.environ | {"PYTHONPATH": str(README.parent)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout_s)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 
 def grid_config(**update: Any) -> ModelConfig:

@@ -42,6 +42,7 @@ from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from model import ModelConfig
 from model.tokenizer import DEFAULT_TOKENIZER
+from tests.helpers import readme_blocks, run_example
 from tests.serve_helpers import MODEL, serving
 
 TINY = ModelConfig.preset("tiny")
@@ -344,3 +345,14 @@ def test_grpc_takes_the_same_controls(server: dict[str, Any]) -> None:
     with pytest.raises(grpc.RpcError) as e:
         stub.Complete(pb.GenerateRequest(prompt="Hello", regex="a+", choice=["a"]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_readmes_client_examples_run_against_the_server(server: dict[str, Any], tmp_path: Path) -> None:
+    """The README's openai, tools and gRPC examples, as written but for the server's address."""
+    code = "\n".join(readme_blocks("Talking to the server"))
+    assert code.count("http://127.0.0.1:8000") == 1 and code.count("127.0.0.1:9000") == 1
+    code = code.replace("http://127.0.0.1:8000", server["url"]).replace("127.0.0.1:9000", server["grpc"])
+    out = run_example(code, tmp_path)
+    assert "function=Function(" in out and "name='get_weather'" in out, out  # the forced tool call
+    answers = [json.loads(line) for line in out.splitlines() if line.startswith('{"answer"')]  # the schema's reply
+    assert answers and answers[0]["answer"] in ("yes", "no"), out

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from model import ModelConfig
+from model.kernels import compiled
 from tests.helpers import random_prompts
 from tests.hosts import Hosts, unavailable
 
@@ -100,8 +101,13 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
     ckpt: Path = checkpoint_factory(TINY, seed=5)
     with Hosts(3) as hosts:
         # Every machine's environment: this Python first on PATH, its own /root and RAY_TMPDIR, and (a
-        # test's impatience) Ray's nodes giving up on a lost head after 10 s instead of 60 s.
-        hosts.start_sshd(env={"RAY_gcs_rpc_server_reconnect_timeout_s": "10"})
+        # test's impatience) Ray's nodes giving up on a lost head after 10 s instead of 60 s, and this
+        # machine's build of the CPU kernels, as machines made from one image share it: the set-up's
+        # `build-kernels` finds it (the build itself is tests/test_cpu_kernels.py's; ~20 s a host).
+        env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+        if (kernels := compiled.build()) is not None:
+            env["TORCH_EXTENSIONS_DIR"] = str(Path(kernels.__file__).parent.parent)
+        hosts.start_sshd(env=env)
         head, *nodes = hosts.hosts
         (hosts.home(head) / ".ray").mkdir()
         (hosts.home(head) / ".ray" / "auth_token").write_text(hosts.token)  # `ray get-auth-token --generate`

@@ -1,13 +1,15 @@
 """A driver run on the head of a test-host cluster (`python -m tests.host_faults ...`): serves a copy
 whose workers live on the model hosts, runs streamed, plain and gRPC load against it, breaks the
-host of `experts-0` while requests decode, and prints one JSON line: what the clients saw, where
-the workers are afterwards, and the recovery.
+host of `experts-0` while requests decode, and prints one JSON line: per scenario (several run one
+after another on the same app), what the clients saw, where the workers are afterwards, and the
+recovery.
 
 Scenarios:
 - `crash`: every process of the host killed at once; the copy replaces the lost workers on the
   slots left on the other hosts.
-- `crash-no-room`: the same with no slot left elsewhere: in-flight requests end 503; then the host
-  comes back (its `ray start` run again, as its supervisor would) and a new copy serves.
+- `crash-no-room`: the same with no slot left elsewhere: in-flight requests end 503; then, once Ray
+  has called the host dead, it comes back (its `ray start` run again, as its supervisor would) and
+  a new copy serves.
 - `partition`: the host's link down for `--partition-s`, then up; the copy notices by its data
   plane's deadline, gives up, and a new copy serves once the host is reachable again.
 """
@@ -33,6 +35,7 @@ from tests.hosts import kill_namespace, namespace_pids
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
 RAYLET_EXIT_S = 90.0  # how long a raylet Ray has called dead may take to hear so and exit
+SCENARIOS = ("crash", "crash-no-room", "partition")
 ENDED_503 = {"plain": "503", "stream": "error-event", "grpc": "UNAVAILABLE"}  # how each client sees a 503
 
 
@@ -91,11 +94,79 @@ def _outcome(r: dict[str, Any]) -> str:
     return "503"
 
 
+def _dead(node_id: str, timeout_s: float = 60.0) -> None:
+    """Wait until Ray has called the node dead (as it does a crashed host's within seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while next(n for n in ray.nodes() if n["NodeID"] == node_id)["Alive"]:
+        assert time.monotonic() < deadline, f"Ray has not called node {node_id} dead in {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+def run_scenario(scenario: str, s: dict[str, Any], hosts: dict[str, dict[str, Any]], probe: str, load_text: str,
+                 partition_s: float, step_timeout_s: float) -> dict[str, Any]:  # fmt: skip
+    """Break the host of `experts-0` of the serving copy `s` under load, as `scenario` says; the report."""
+    url = s["url"]
+    handle = serve.get_deployment_handle("LLMServer", app_name="mixtral")
+    before = {w["name"]: w["node_ip"] for w in handle.workers.remote().result()}
+    victim = before["experts-0"]
+    victim_node = _node_id(victim)
+    census_before = census()
+    report: dict[str, Any] = {"scenario": scenario}
+    # Requests sent while no copy can serve wait in Serve's queue (bounded by serving.request_timeout_s)
+    # until one can: the clients wait longer than the outage.
+    with Load(url, s["grpc"], timeout_s=300) as load:
+        time.sleep(2.0)  # requests are decoding
+        broken = time.monotonic()
+        if scenario == "partition":
+            subprocess.run(hosts[victim]["down"], check=True)
+            time.sleep(partition_s)
+            subprocess.run(hosts[victim]["up"], check=True)
+            report["link_down_s"] = time.monotonic() - broken
+            report["host_restarted"] = not rejoined(victim_node, hosts[victim])
+        else:
+            report["killed_processes"] = kill_namespace(hosts[victim]["namespace"])
+            load.wait_ended(broken, timeout_s=step_timeout_s + 15)  # each in flight: done (replaced) or 503
+            if scenario == "crash-no-room":  # its supervisor starts Ray again, once Ray has called the node dead
+                _dead(victim_node)
+                report["host_back_after_s"] = time.monotonic() - broken
+                back = subprocess.run(hosts[victim]["restart"], capture_output=True, text=True)
+                assert back.returncode == 0, back.stderr[-2000:]
+        restored = time.monotonic()
+        report["serving_again_s"] = wait_until_serving(url, probe, timeout_s=240)  # after the host is back
+    time.sleep(2.0)  # the replaced copy's old actors are reaped
+    after_workers = handle.workers.remote().result()
+    stats = handle.stats.remote().result()
+    in_flight = load.in_flight(broken)
+    return report | {
+        "victim": victim,
+        "lost": sorted(n for n, ip in before.items() if ip == victim),
+        "before": before,
+        "after": {w["name"]: w["node_ip"] for w in after_workers},
+        "requests": len(load.records),
+        "in_flight": len(in_flight),
+        "kinds_in_flight": sorted({r["kind"] for r in in_flight}),
+        "in_flight_outcomes": sorted({_outcome(r) for r in in_flight}),
+        "in_flight_ended_s": max((r["end"] - broken for r in in_flight), default=0.0),
+        "in_flight_ends": [(r["kind"], round(r["end"] - broken, 2), _message(r)) for r in in_flight],
+        "first_503_s": min((r["end"] - broken for r in in_flight if _outcome(r) == "503"), default=None),
+        "outcomes": sorted({_outcome(r) for r in load.records}),
+        "failed": [(r["kind"], r["outcome"]) for r in load.records if r["outcome"] not in ("200", "OK")],
+        "wrong": sum(r["text"] != load_text for r in load.records if r["outcome"] in ("200", "OK")),
+        "stall_s": load.stall(broken),
+        "recoveries": stats["recoveries"],
+        "restored_after_s": restored - broken,
+        "blocks_in_use": stats["blocks_in_use"],
+        "census_before": census_before,
+        "census_after": census(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--address", required=True)
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--scenario", choices=["crash", "crash-no-room", "partition"], default="crash")
+    p.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["crash"],
+                   help="run one after another on the same serving app, each on the copy the last left")  # fmt: skip
     p.add_argument("--hosts", required=True, help="JSON: node IP -> {namespace, restart, down, up} of each model host")
     p.add_argument("--partition-s", type=float, default=30.0)
     p.add_argument("--step-timeout-s", type=float, default=300.0)
@@ -111,61 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         "engine": {"step_timeout_s": args.step_timeout_s},
         "serving": {"health_check_period_s": 1, "retry_after_s": 3},
     }
-    report: dict[str, Any] = {"scenario": args.scenario}
+    reports = {}
     with serving(args.checkpoint, **sections) as s:
-        url = s["url"]
-        wait_until_serving(url, probe, timeout_s=240)
-        handle = serve.get_deployment_handle("LLMServer", app_name="mixtral")
-        before = {w["name"]: w["node_ip"] for w in handle.workers.remote().result()}
-        victim = before["experts-0"]
-        victim_node = _node_id(victim)
-        census_before = census()
-        # Requests sent while no copy can serve wait in Serve's queue (bounded by serving.request_timeout_s)
-        # until one can: the clients wait longer than the outage.
-        with Load(url, s["grpc"], timeout_s=300) as load:
-            time.sleep(2.0)  # requests are decoding
-            broken = time.monotonic()
-            if args.scenario == "partition":
-                subprocess.run(hosts[victim]["down"], check=True)
-                time.sleep(args.partition_s)
-                subprocess.run(hosts[victim]["up"], check=True)
-                report["link_down_s"] = time.monotonic() - broken
-                report["host_restarted"] = not rejoined(victim_node, hosts[victim])
-            else:
-                report["killed_processes"] = kill_namespace(hosts[victim]["namespace"])
-                time.sleep(15.0)  # the in-flight requests end (or go on through the replacement)
-                if args.scenario == "crash-no-room":
-                    back = subprocess.run(hosts[victim]["restart"], capture_output=True, text=True)
-                    assert back.returncode == 0, back.stderr[-2000:]
-            restored = time.monotonic()
-            report["serving_again_s"] = wait_until_serving(url, probe, timeout_s=240)  # after the host is back
-        time.sleep(2.0)  # the replaced copy's old actors are reaped
-        after_workers = handle.workers.remote().result()
-        stats = handle.stats.remote().result()
-        in_flight = load.in_flight(broken)
-        report |= {
-            "victim": victim,
-            "lost": sorted(n for n, ip in before.items() if ip == victim),
-            "before": before,
-            "after": {w["name"]: w["node_ip"] for w in after_workers},
-            "requests": len(load.records),
-            "in_flight": len(in_flight),
-            "kinds_in_flight": sorted({r["kind"] for r in in_flight}),
-            "in_flight_outcomes": sorted({_outcome(r) for r in in_flight}),
-            "in_flight_ended_s": max((r["end"] - broken for r in in_flight), default=0.0),
-            "in_flight_ends": [(r["kind"], round(r["end"] - broken, 2), _message(r)) for r in in_flight],
-            "first_503_s": min((r["end"] - broken for r in in_flight if _outcome(r) == "503"), default=None),
-            "outcomes": sorted({_outcome(r) for r in load.records}),
-            "failed": [(r["kind"], r["outcome"]) for r in load.records if r["outcome"] not in ("200", "OK")],
-            "wrong": sum(r["text"] != load_text.text for r in load.records if r["outcome"] in ("200", "OK")),
-            "stall_s": load.stall(broken),
-            "recoveries": stats["recoveries"],
-            "restored_after_s": restored - broken,
-            "blocks_in_use": stats["blocks_in_use"],
-            "census_before": census_before,
-            "census_after": census(),
-        }
-    print(json.dumps(report))
+        wait_until_serving(s["url"], probe, timeout_s=240)
+        for scenario in args.scenario:
+            reports[scenario] = run_scenario(scenario, s, hosts, probe, load_text.text, args.partition_s,
+                                             args.step_timeout_s)  # fmt: skip
+    print(json.dumps(reports))
     return 0
 
 

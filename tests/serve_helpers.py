@@ -179,6 +179,18 @@ class Load:
                 except grpc.RpcError as e:
                     self._record("grpc", start, e.code().name, e.details(), text, arrivals)
 
+    def wait_ended(self, at: float, timeout_s: float) -> None:
+        """Wait until each client's request in flight at `at` has ended (however it ended)."""
+        kinds = {"plain", "stream"} | ({"grpc"} if self.grpc_target else set())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                ended = {r["kind"] for r in self.records if r["end"] >= at}
+            if ended >= kinds:
+                return
+            assert time.monotonic() < deadline, f"requests in flight {timeout_s:.0f} s after the break: {kinds - ended}"
+            time.sleep(0.2)
+
     def in_flight(self, at: float) -> list[dict[str, Any]]:
         """The requests that had started before `at` and ended after it."""
         return [r for r in self.records if r["start"] < at <= r["end"]]

@@ -37,7 +37,7 @@ def test_a_crashed_host_is_replaced_on_the_others_and_no_request_fails(hosts: Ho
             "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts)]  # fmt: skip
     r = hosts.run(hosts.hosts[0], argv, timeout_s=480, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = json.loads(r.stdout.strip().splitlines()[-1])["crash"]
     assert report["killed_processes"] > 0 and report["lost"], report
     assert report["in_flight"] > 0 and len(report["kinds_in_flight"]) >= 2, report
     brief = {k: report[k] for k in ("victim", "lost", "in_flight_outcomes", "recoveries", "serving_again_s")}

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from model import ModelConfig, SamplingParams, generate, load_model
@@ -33,6 +34,15 @@ def readme_blocks(heading: str, language: str = "python") -> list[str]:
     end = text.find("\n## ", start + 1)
     section = text[start : end if end != -1 else len(text)]
     return re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def local_ray() -> None:
+    """This process's local Ray (32 logical CPUs: several copies may be alive at once), started if
+    none is connected and left up for the modules after, each of which would otherwise pay ~6 s to
+    start and stop its own; it ends with the session. A module that needs a cluster of its own
+    (`ray.cluster_utils.Cluster`) calls `ray.shutdown()` first."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=32, include_dashboard=False)
 
 
 def run_example(code: str, cwd: Path, timeout_s: float = 240) -> str:

@@ -23,6 +23,7 @@ from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from cluster.serve import build_app
 from cluster.serve_config import ServeConfig
+from tests.helpers import local_ray
 
 MODEL = "mixtral-tiny"
 PROMPT = "The first law of robotics"
@@ -42,7 +43,7 @@ def serving(
     """The real Serve app (HTTP + gRPC on free local ports) for a tiny copy with A=1 R=1 G=2.
 
     `engine` and the other config sections update the defaults below. Starts a local Ray unless
-    one is already connected (a simulated cluster), and stops what it started."""
+    one is already connected (a simulated cluster, a host cluster), and stops Serve after."""
     http_port, grpc_port = free_port(), free_port()
     cfg = ServeConfig.model_validate({
         "model": {"checkpoint": str(checkpoint), "name": MODEL} | sections.get("model", {}),
@@ -50,9 +51,7 @@ def serving(
         "engine": {"block_size": 4, "kv_cache_gb": 0.01, "max_model_len": 512, "max_seqs": 64} | (engine or {}),
         "serving": {"http_port": http_port, "grpc_port": grpc_port} | sections.get("serving", {}),
     })  # fmt: skip
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(num_cpus=32, include_dashboard=False)
+    local_ray()  # unless one is connected
     serve.start(
         proxy_location="HeadOnly",  # as the Serve configs: clients reach the head
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
@@ -63,8 +62,6 @@ def serving(
         yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "config": cfg}
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
-        if own_ray:
-            ray.shutdown()
 
 
 def census() -> tuple[int, int]:

@@ -14,7 +14,15 @@ import ray
 from cluster.engine import EngineError, RequestFailed, SamplingParams
 from cluster.llm import LLM
 from cluster.placement import param_bytes
-from tests.helpers import ENGINE_CONFIG, idle, poisoned_copy, random_prompts, reference_greedy, staggered_streams
+from tests.helpers import (
+    ENGINE_CONFIG,
+    idle,
+    local_ray,
+    poisoned_copy,
+    random_prompts,
+    reference_greedy,
+    staggered_streams,
+)
 
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 3), (1, 1, 8), (2, 2, 8)]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -24,10 +32,8 @@ ENGINE_ARGS = dict(block_size=4, num_blocks=96, max_batched_tokens=32)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=32, include_dashboard=False)  # logical slots: several copies may be alive at once
-    yield
-    ray.shutdown()
+def shared_ray() -> None:
+    local_ray()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from cluster.serve_config import ServeConfig
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from protocol.config import section_of
-from tests.helpers import ENGINE_CONFIG
+from tests.helpers import ENGINE_CONFIG, local_ray
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _budget_blocks(r: Running, gb: float) -> int:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory, checkpoint_factory: Any) -> Iterator[Running]:
-    ray.init(num_cpus=32, include_dashboard=False)
+    local_ray()
     values = {k: v for k, (v, _) in CHECKS.items() if k not in SINGLE_ONLY}
     values["checkpoint"] = tmp_path_factory.mktemp("written") / "ckpt"  # written by the copy itself
     cfg = ServeConfig.model_validate(_nest(values))
@@ -192,7 +192,6 @@ def running(tmp_path_factory: pytest.TempPathFactory, checkpoint_factory: Any) -
     finally:
         single.shutdown()
         server.llm.shutdown()
-        ray.shutdown()
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -165,6 +165,7 @@ def test_the_bf16_engine_on_cuda_graphs_agrees_with_the_eager_torch_kernels(ckpt
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
+    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
     ray.init(num_cpus=32, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()

@@ -21,6 +21,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def three_nodes():
+    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})  # a CPU head
     gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4) for _ in range(2)]
     ray.init(address=cluster.address)

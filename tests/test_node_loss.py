@@ -29,6 +29,7 @@ from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_servin
 def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:
     ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
     fast_failure = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "_system_config": fast_failure})
     # Model nodes offer only model slots, as GPU nodes offer GPUs: the ingress, the proxy and each
     # replica's own bundle stay on the head, so losing a model node loses workers only.

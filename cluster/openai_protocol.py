@@ -410,14 +410,6 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data, to cross process boundaries (replica -> ingress)."""
-        return {"status": self.status, "message": self.message, "param": self.param, "code": self.code}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> APIError:
-        return cls(d["status"], d["message"], d.get("param"), d.get("code"))
-
 
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a pydantic error, as a 400 naming its field (dotted path)."""

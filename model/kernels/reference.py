@@ -4,8 +4,8 @@ Shape legend: N = rows (tokens), IN / OUT = features, E = experts held, H = hidd
 I = expert intermediate size, T = packed tokens, Hq / Hkv = query / kv heads, D = head dim,
 S = sequences of an attention group, Tq / Tk = queries / keys per sequence, P = key slots.
 
-Every other implementation (`CpuKernels`, later the CUDA ones) subclasses this one, overrides
-what it does faster, and is tested against it.
+Every other implementation (`CpuKernels`, `CudaKernels`) subclasses this one, overrides what it
+does faster, and is tested against it.
 """
 
 from __future__ import annotations

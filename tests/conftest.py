@@ -22,6 +22,15 @@ from model import ModelConfig, write_random_checkpoint
 from tests.helpers import GRID_BASE
 
 torch.set_num_threads(1)  # tests run beside each other's processes on 2 cores
+TIERS = ("unit", "ray", "serve", "hosts", "gpu")  # pyproject.toml's markers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test carries exactly one tier marker (its module's `pytestmark`), so `-m` selects it."""
+    for item in items:
+        tiers = {m.name for m in item.iter_markers()} & set(TIERS)
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: mark its module with exactly one of {TIERS}, not {sorted(tiers)}")
 
 
 @pytest.fixture(scope="session")

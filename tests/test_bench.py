@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.breakdown import PARTS, decode_breakdown
@@ -16,6 +17,8 @@ from benchmarks.roofline import decode_bytes
 from benchmarks.run import main
 from benchmarks.workload import mixed_prompts
 from model import ModelConfig
+
+pytestmark = pytest.mark.serve
 
 
 def test_bench_quick_on_tiny_writes_json_markdown_and_plots(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from model import Checkpoint, CheckpointError, load_model, weight_names, write_m
 from model.checkpoint import hf_to_mistral, mistral_to_hf
 from tests.helpers import grid_config
 
+pytestmark = pytest.mark.unit
+
 TOKENS = torch.tensor([5, 17, 300, 2, 99, 41, 7])
 
 

@@ -19,6 +19,8 @@ from cluster.engine import RequestError, SamplingParams
 from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG, idle, random_prompts
 
+pytestmark = pytest.mark.unit
+
 SAMPLED = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.95, seed=40, ignore_eos=True)
 
 

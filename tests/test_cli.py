@@ -17,6 +17,8 @@ import yaml
 
 from model import ModelConfig, load_model
 
+pytestmark = pytest.mark.serve
+
 ROOT = Path(__file__).resolve().parent.parent
 EXE = shutil.which("mixtral-cluster", path=str(Path(sys.executable).parent)) or "mixtral-cluster"
 

@@ -45,6 +45,8 @@ from model.tokenizer import DEFAULT_TOKENIZER
 from tests.helpers import readme_blocks, run_example
 from tests.serve_helpers import MODEL, serving
 
+pytestmark = pytest.mark.serve
+
 TINY = ModelConfig.preset("tiny")
 WEATHER = {
     "name": "get_weather",

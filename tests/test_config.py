@@ -6,6 +6,8 @@ from pydantic import ValidationError
 from model import ModelConfig, preset_names
 from model.config import ModelConfig as Cfg
 
+pytestmark = pytest.mark.unit
+
 
 def test_presets_by_exact_name() -> None:
     assert {"tiny", "mini", "mixtral-8x7b", "mixtral-8x22b"} <= set(preset_names())

@@ -31,6 +31,8 @@ from model.config import ModelConfig
 from protocol.config import section_of
 from tests.helpers import ENGINE_CONFIG, local_ray
 
+pytestmark = pytest.mark.serve
+
 
 @dataclass
 class Running:

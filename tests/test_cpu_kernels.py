@@ -16,6 +16,8 @@ from model.loader import load_model
 from model.moe import ExpertFFN
 from tests.helpers import GRID_BASE
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def kernels() -> Any:

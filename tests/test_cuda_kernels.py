@@ -21,6 +21,8 @@ from model.moe import ExpertFFN
 from model.sampling import SamplingParams
 from tests.helpers import ENGINE_CONFIG, random_prompts
 
+pytestmark = pytest.mark.unit
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -20,6 +20,8 @@ from model.tokenizer import Tokenizer
 from protocol.config import EngineSection
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
+pytestmark = pytest.mark.unit
+
 BLOCK = 4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

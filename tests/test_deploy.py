@@ -17,6 +17,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from cluster.serve_config import ServeConfig
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIGS = sorted(ROOT.glob("configs/serve-*.yaml"))
 MODEL_CONFIGS = sorted(p for p in ROOT.glob("configs/*.yaml") if not p.name.startswith("serve-"))

@@ -12,6 +12,8 @@ from cluster.llm import LLM
 from model import load_model
 from tests.helpers import ENGINE_CONFIG, idle, random_prompts, reference_greedy, staggered_streams
 
+pytestmark = pytest.mark.unit
+
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 

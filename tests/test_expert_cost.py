@@ -12,6 +12,8 @@ import pytest
 from cluster.placement import initial_placement, plan_placement, predict_steps
 from protocol.expert_cost import ROW_UNITS, TOKENS, ExpertCost, layer_seconds, split_pairs
 
+pytestmark = pytest.mark.unit
+
 
 def splits(n: int, parts: int) -> Iterator[tuple[int, ...]]:
     """Every way to write n as `parts` non-negative integers in order."""

@@ -30,6 +30,8 @@ from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import MODEL, PROMPT, Load, census, serving, wait_until_serving
 
+pytestmark = pytest.mark.serve
+
 logger = logging.getLogger(__name__)
 # A long constrained answer (~150 tokens), so that it is still decoding when the worker dies.
 LONG_JSON = {"type": "array", "minItems": 30, "maxItems": 30, "items": {"enum": ["alpha", "beta", "gamma"]}}

@@ -21,6 +21,8 @@ from cluster.proto import inference_pb2_grpc as pb_grpc
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import serving
 
+pytestmark = pytest.mark.serve
+
 MODEL = "mixtral-tiny"
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

@@ -12,6 +12,8 @@ from transformers import MixtralForCausalLM
 from model import SamplingParams, generate, load_model
 from tests.helpers import grid_config
 
+pytestmark = pytest.mark.unit
+
 LENGTHS = [9, 1, 23, 16]  # packed batch of unequal sequences; 23 > every small window below
 
 

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import ENGINE_CONFIG
 from tests.hosts import Hosts, unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.hosts, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 FAST_FAILURE = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}  # a dead host known in ~2 s
 
 

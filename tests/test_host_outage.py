@@ -31,7 +31,7 @@ import pytest
 from tests.helpers import ENGINE_CONFIG
 from tests.hosts import Hosts, unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.hosts, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 # A killed host (its ports refuse at once) is known dead in ~2 s; a silent one takes Ray longer (each
 # check waits out its own timeout), the data plane's deadline sees it first.
 FAST_FAILURE = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}

@@ -30,7 +30,7 @@ from model import ModelConfig
 from tests.helpers import random_prompts
 from tests.hosts import Hosts, unavailable
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+pytestmark = [pytest.mark.hosts, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 TINY = ModelConfig.preset("tiny")
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = random_prompts(3, seed=31, low=4, high=20)

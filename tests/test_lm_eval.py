@@ -20,6 +20,8 @@ from transformers import MixtralForCausalLM
 from model import ModelConfig, Tokenizer
 from tests.serve_helpers import MODEL, serving
 
+pytestmark = pytest.mark.serve
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")  # in the test extra; skipped only in a bare install

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from model.moe import ExpertFFN, SparseMoE, route
 from tests.helpers import grid_config
 
+pytestmark = pytest.mark.unit
+
 
 def reference_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mistral's formulation: top-k of the raw logits, softmax over those k."""

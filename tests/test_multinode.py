@@ -16,6 +16,8 @@ from cluster.llm import LLM
 from cluster.placement import PlacementError
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
+pytestmark = pytest.mark.ray
+
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 

@@ -24,6 +24,8 @@ from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 
+pytestmark = pytest.mark.serve
+
 
 @pytest.fixture(scope="module")
 def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:

@@ -31,6 +31,8 @@ from cluster.proto import inference_pb2_grpc as pb_grpc
 from model import ModelConfig
 from tests.serve_helpers import MODEL, serving
 
+pytestmark = pytest.mark.serve
+
 KEY = "sesame"
 TINY = ModelConfig.preset("tiny")  # no sliding window: every cached block is reused
 PROMPT = "The capital of France is"

@@ -23,6 +23,8 @@ from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import serving
 
+pytestmark = pytest.mark.serve
+
 logger = logging.getLogger(__name__)
 MODEL = "mixtral-tiny"
 PROMPTS = ["alpha beta", "one two three", "red green blue yellow", "x", "the quick brown fox jumps"]

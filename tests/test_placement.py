@@ -27,6 +27,8 @@ from model import ModelConfig, weight_names
 from protocol.config import ClusterSection
 from protocol.expert_cost import split_pairs as split_tokens
 
+pytestmark = pytest.mark.unit
+
 
 def test_expert_map_uneven_split() -> None:
     assert expert_map(8, 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]

@@ -15,6 +15,8 @@ from cluster.llm import LLM
 from cluster.scheduler import Scheduler
 from tests.helpers import ENGINE_CONFIG, random_prompts
 
+pytestmark = pytest.mark.ray
+
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 

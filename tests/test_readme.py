@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import readme_blocks, run_example
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.mark.parametrize("heading", ["Using the model core", "Generating with the engine"])
 def test_the_readmes_python_examples_run(heading: str, tmp_path: Path) -> None:

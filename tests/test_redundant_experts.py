@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 import torch
 from transformers import MixtralForCausalLM
 
@@ -23,7 +21,9 @@ from benchmarks.workload import skewed_copy
 from cluster.engine import RebalanceUnavailable, SamplingParams
 from cluster.llm import LLM
 from model import ModelConfig
-from tests.helpers import random_prompts
+from tests.helpers import local_ray, random_prompts
+
+pytestmark = pytest.mark.ray
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts(12, seed=3, low=5, high=30)
@@ -32,10 +32,8 @@ COPY = {"attention_shards": 1, "routers": 1, "expert_groups": 4, "redundant_expe
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=16, include_dashboard=False)
-    yield
-    ray.shutdown()
+def shared_ray() -> None:
+    local_ray()
 
 
 @pytest.fixture(scope="module")

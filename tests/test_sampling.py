@@ -10,6 +10,8 @@ from model import SamplingParams, generate, load_model, sample
 from model.sampling import make_generator
 from tests.helpers import grid_config
 
+pytestmark = pytest.mark.unit
+
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 

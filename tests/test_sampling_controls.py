@@ -20,7 +20,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-import ray
 import torch
 from transformers import MixtralForCausalLM
 
@@ -31,7 +30,9 @@ from cluster.serve_messages import Failure, GenerateCall
 from cluster.structured import StructuredOutput
 from model import ModelConfig
 from model.sampling import adjust
-from tests.helpers import random_prompts
+from tests.helpers import local_ray, random_prompts
+
+pytestmark = pytest.mark.serve
 
 TINY = ModelConfig.preset("tiny")
 SCHEMA = {
@@ -159,12 +160,9 @@ def test_structured_output_over_the_ray_data_plane(ckpt: Path) -> None:
     params = json_params(2, seed=9)
     with LLM(ckpt, single_process=True) as one:
         expected = [o.text for o in one.generate(prompts, params)]
-    ray.init(num_cpus=8, include_dashboard=False)
-    try:
-        with LLM(ckpt, attention_shards=2, routers=1, expert_groups=2) as copy:
-            got = [o.text for o in copy.generate(prompts, params)]
-    finally:
-        ray.shutdown()
+    local_ray()
+    with LLM(ckpt, attention_shards=2, routers=1, expert_groups=2) as copy:
+        got = [o.text for o in copy.generate(prompts, params)]
     assert got == expected  # seeded: the same draws under the same masks
     for text in got:
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -192,8 +190,8 @@ def test_tools_on_a_v1_model_are_refused(checkpoint_factory: Any) -> None:
 
     v1 = checkpoint_factory(TINY.model_copy(update={"vocab_size": 32000}), seed=1)
     cfg = ServeConfig.model_validate({"model": {"checkpoint": str(v1)}, "cluster": {"single_process": True}})
-    had_ray = ray.is_initialized()
-    server = LLMServer(cfg)  # outside Serve it asks Ray for its placement group, which starts a local Ray
+    local_ray()  # outside Serve the server asks Ray for its placement group
+    server = LLMServer(cfg)
     try:
         tool = Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}})
         call = GenerateCall(id="r", messages=[ChatMessage(role="user", content="hi")], params=SamplingParams(),
@@ -207,5 +205,3 @@ def test_tools_on_a_v1_model_are_refused(checkpoint_factory: Any) -> None:
         assert answers[0].status == 400 and answers[0].param == "tools" and "v1" in answers[0].message
     finally:
         server.llm.shutdown()
-        if not had_ray:
-            ray.shutdown()  # the modules after this one start their own

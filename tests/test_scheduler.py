@@ -7,6 +7,8 @@ import pytest
 from cluster.scheduler import Scheduler, Status
 from model.kv_cache import FREED
 
+pytestmark = pytest.mark.unit
+
 
 def run_step(s: Scheduler, sample_token: int = 7) -> list[tuple[str, int, int]]:
     sched = s.schedule()

@@ -23,6 +23,8 @@ from cluster.serve_config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import serving
 
+pytestmark = pytest.mark.serve
+
 MODEL = "mixtral-tiny"
 KEY = "test-key-123"
 AUTH = [("authorization", f"Bearer {KEY}")]  # gRPC metadata

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.soak import soak
 from cluster.placement import Layout
 from tests.helpers import ENGINE_CONFIG
+
+pytestmark = pytest.mark.serve
 
 
 def test_short_soak_leaks_nothing(checkpoint_factory) -> None:

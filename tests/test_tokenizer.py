@@ -12,6 +12,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from model import Tokenizer
 from model.tokenizer import DEFAULT_TOKENIZER, ChatFormatError
 
+pytestmark = pytest.mark.unit
+
 UNICODE_TEXTS = [
     "Hello world",
     "  two leading spaces, two trailing  ",

@@ -23,6 +23,8 @@ from model.tokenizer import SHIPPED_BY_VOCAB
 from tests.helpers import grid_config, reference_greedy
 from tests.serve_helpers import MODEL, serving
 
+pytestmark = pytest.mark.serve
+
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 V1 = grid_config(vocab_size=32000)  # Mixtral 8x7B's vocabulary
 NONE = grid_config(vocab_size=512)  # matches no shipped tokenizer

@@ -10,6 +10,8 @@ from model.attention_plan import plan_attention
 from model.kv_cache import FREED
 from tests.helpers import grid_config
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("block_size", [1, 4, 16])

@@ -12,6 +12,8 @@ from model.kernels import CpuKernels
 from model.kernels.cpu import KERNEL_ROWS, ROW_TILE, padded_rows
 from model.linear import Linear
 
+pytestmark = pytest.mark.unit
+
 CPU = CpuKernels.for_this_machine()
 ONEDNN_ONLY = CpuKernels(None)  # as where the C++ loops cannot be built
 

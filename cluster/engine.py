@@ -16,7 +16,6 @@ allowed-token bitmask to the shard that samples it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +25,8 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field
 
-from cluster.placement import RecordedStep, layer_imbalance
+from cluster.expert_balancer import ExpertBalancer, Placer
+from cluster.placement import RecordedStep
 from cluster.scheduler import Chunk, Scheduler
 from cluster.scheduler import Sequence as SchedSeq
 from cluster.structured import Grammar, StructuredOutput, bitmask
@@ -37,7 +37,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.config import EngineSection
-from protocol.expert_cost import TOKENS, ExpertCost
+from protocol.expert_cost import TOKENS
 from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ class RequestOutput:
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
-RECORDED_STEPS = 256  # the last steps' expert counts kept for the planner (`RecordedStep`)
 DecodeGraphSettings = tuple[int, int]  # (max_model_len, max_seqs) of the decode steps `DecodeGraphs` runs
 
 
@@ -135,26 +134,12 @@ class Executed:
     group_seconds: torch.Tensor  # [L, G] their seconds by the copy's cost model (`protocol.expert_cost`)
 
 
-class Backend(Protocol):
+class Backend(Placer, Protocol):
     num_shards: int
-    num_groups: int  # expert groups (1 in one process)
-    cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
     recoveries: list[dict[str, Any]]  # workers replaced after they died, and how long each took
 
     def execute(self, batches: list[ShardBatch]) -> Executed:
         """Run one step: per shard the sampled tokens, and where its tokens went."""
-        ...
-
-    def begin_rebalance(
-        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
-    ) -> dict[str, Any]:
-        """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
-        `group_tokens` [L, G]; `steps`: the last steps' own counts) and start moving weights; the
-        report of what it will do, or why it keeps the placement it has ("refused"). Steps go on."""
-        ...
-
-    def finish_rebalance(self) -> dict[str, Any] | None:
-        """Between steps: switch to the new placement once its weights are in place (its report), else None."""
         ...
 
     def reports(self, report: Report) -> dict[str, Any]:
@@ -297,17 +282,7 @@ class Engine:
         )
         self.requests: dict[str, _Request] = {}
         self._choices: dict[str, tuple[_Request, _Choice]] = {}  # by sequence id
-        self.expert_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # since start
-        # Since the experts were last placed: what the next re-placement is computed from.
-        self.since_counts = torch.zeros(config.num_layers, config.num_experts, dtype=torch.long)  # [L, E]
-        self.since_groups = torch.zeros(config.num_layers, backend.num_groups, dtype=torch.long)  # [L, G]
-        self.since_cost: dict[str, list[float]] = {}  # phase -> [layer times' sum s, ideal times' s, steps]
-        self.recorded: collections.deque[RecordedStep] = collections.deque(maxlen=RECORDED_STEPS)
-        self.rebalance_interval_s = rebalance_interval_s
-        self.rebalancing = False
-        self.rebalances = 0  # re-placements done
-        self.last_rebalance: dict[str, Any] | None = None
-        self._placed_at = time.monotonic()
+        self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, rebalance_interval_s)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
         self.steps = 0
@@ -391,59 +366,6 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    # ---- expert placement ------------------------------------------------------------------------
-
-    def begin_rebalance(self) -> None:
-        """Place the experts anew from the load since the last placement; weights move while steps go
-        on, and `maintain` switches to it between two steps."""
-        if not self.rebalancing:
-            report = self.backend.begin_rebalance(self.since_counts.clone(), self.since_groups.clone(),
-                                                  list(self.recorded))  # fmt: skip
-            if report.get("refused"):  # the placement stays: done, and the load keeps being counted
-                logger.info("re-placement refused: %s", report["refused"])
-                self.rebalances += 1
-                self.last_rebalance = report
-                self._placed_at = time.monotonic()
-            else:
-                self.rebalancing = True
-
-    def maintain(self) -> None:
-        """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
-        if self.rebalancing:
-            report = self.backend.finish_rebalance()
-            if report is not None:
-                self.rebalancing = False
-                self.rebalances += 1
-                self.last_rebalance = report
-                self.since_counts.zero_()
-                self.since_groups.zero_()
-                self.since_cost.clear()
-                self.recorded.clear()
-                self._placed_at = time.monotonic()
-        elif self.rebalance_interval_s is not None and time.monotonic() - self._placed_at >= self.rebalance_interval_s:
-            if self.since_counts.sum() > 0:
-                self.begin_rebalance()
-            else:
-                self._placed_at = time.monotonic()  # nothing to learn from yet
-
-    @property
-    def needs_maintenance(self) -> bool:
-        """Whether `maintain` must run even while no request is in (a re-placement under way or due)."""
-        return self.rebalancing or self.rebalance_interval_s is not None
-
-    def load(self) -> dict[str, Any]:
-        """Since the last placement: (token, expert) pairs per expert group (summed over layers) and
-        their imbalance (per layer the heaviest group over the mean, averaged over layers); per phase
-        ("prefill": steps with a prompt chunk, "decode": the others) the cost model's expert
-        milliseconds per step (`ExpertCost.layer_time`, summed over layers) and its imbalance
-        (that over the same work spread evenly)."""
-        return {
-            "tokens_per_group": self.since_groups.sum(dim=0).tolist(),
-            "imbalance": layer_imbalance(self.since_groups.tolist()),
-            "cost_imbalance": {p: slow / mean if mean > 0 else 1.0 for p, (slow, mean, _) in self.since_cost.items()},
-            "expert_ms_per_step": {p: 1e3 * slow / n for p, (slow, _, n) in self.since_cost.items()},
-        }
-
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -484,16 +406,8 @@ class Engine:
             logger.warning("attention shards %s were replaced; their sequences are recomputed", lost.shards)
             return []  # this step's other work runs again in the next one (nothing was advanced)
         returned = time.perf_counter()
-        self.expert_counts += result.expert_counts
-        self.since_counts += result.expert_counts
-        self.since_groups += result.group_tokens
         phase = "prefill" if any(len(c.tokens) > 1 for b in batches for c in b.chunks) else "decode"
-        self.recorded.append((phase, result.expert_counts.tolist()))
-        acc = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
-        for seconds in result.group_seconds.tolist():  # [G] per layer
-            acc[0] += self.backend.cost.layer_time(seconds)
-            acc[1] += self.backend.cost.ideal_time(seconds)
-        acc[2] += 1
+        self.experts.record(phase, result.expert_counts, result.group_tokens, result.group_seconds)
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
         results = {s.request_id: s for shard_out in result.sampled for s in shard_out}

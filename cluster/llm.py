@@ -147,7 +147,8 @@ class EngineLoop:
                     if self.engine.has_work:
                         cmd = self._commands.get(block=False)
                     else:
-                        cmd = self._commands.get(timeout=MAINTENANCE_S if self.engine.needs_maintenance else None)
+                        wait = MAINTENANCE_S if self.engine.experts.needs_maintenance else None
+                        cmd = self._commands.get(timeout=wait)
                 except queue.Empty:
                     cmd = _STEP
                 if cmd is None:
@@ -157,7 +158,7 @@ class EngineLoop:
                     continue  # drain every queued command before the next step
                 try:
                     outputs = self.engine.step() if self.engine.has_work else []
-                    self.engine.maintain()  # between steps: the place to switch expert placements
+                    self.engine.experts.maintain()  # between steps: the place to switch expert placements
                 except Exception as e:
                     logger.exception("engine step failed")
                     self.error = f"the engine failed and cannot serve any more: {e}"
@@ -418,11 +419,11 @@ class LLM:
 
     def expert_token_counts(self) -> torch.Tensor:
         """Tokens routed to each expert so far, per layer: [L, E]."""
-        return self._loop.call(lambda: self.engine.expert_counts.clone())
+        return self._loop.call(lambda: self.engine.experts.expert_counts.clone())
 
     def stats(self) -> dict[str, Any]:
         """Running / waiting sequences, KV blocks in use, and since the experts were last placed the
-        (token, expert) pairs per expert group and their imbalance (`Engine.load`); read between steps."""
+        (token, expert) pairs per expert group and their imbalance (`ExpertBalancer.load`); read between steps."""
         return self._loop.call(
             lambda: (
                 {
@@ -430,7 +431,7 @@ class LLM:
                     "waiting": self.engine.num_waiting(),
                     "blocks_in_use": self.engine.blocks_in_use(),
                 }
-                | self.engine.load()
+                | self.engine.experts.load()
             )
         )
 
@@ -439,12 +440,12 @@ class LLM:
         move while requests go on, and switch between two steps. Returns the placement ([layer][group]
         -> experts), the imbalance before (measured) and after (for the same load), and the expert
         weights moved. `RebalanceUnavailable` for a single-process copy."""
-        done_before = self._loop.call(lambda: self.engine.rebalances)
-        self._loop.call(self.engine.begin_rebalance)
+        done_before = self._loop.call(lambda: self.engine.experts.rebalances)
+        self._loop.call(self.engine.experts.begin)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             report = self._loop.call(
-                lambda: self.engine.last_rebalance if self.engine.rebalances > done_before else None
+                lambda: self.engine.experts.last_rebalance if self.engine.experts.rebalances > done_before else None
             )
             if report is not None:
                 return report

@@ -93,7 +93,7 @@ CHECKS: dict[str, Check] = {
     "torch_threads": (2, lambda r: _all_workers(r, "torch_threads").pop()),
     "transport": ("gloo", lambda r: _all_workers(r, "transport").pop()),  # nccl needs GPUs: tests/test_gpu.py
     "redundant_experts": (2, lambda r: sum(len(w["slots"][0]) for w in _workers(r, "experts")) - 8),
-    "rebalance_interval_s": (3600.0, lambda r: r.llm.engine.rebalance_interval_s),
+    "rebalance_interval_s": (3600.0, lambda r: r.llm.engine.experts.interval_s),
     "data_plane_timeout_s": (7.0, lambda r: _all_workers(r, "data_plane_timeout_s").pop()),  # its use: test_host_outage
     "network_interface": ("lo", lambda r: {w["interface"] for w in r.where.values()}.pop()),  # auto: test_hosts.py
     "worker_resources": ({"CPU": 2.0}, lambda r: {"CPU": {w["resources"]["CPU"] for w in r.where.values()}.pop()}),

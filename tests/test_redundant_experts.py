@@ -96,11 +96,11 @@ def test_rebalancing_on_an_interval_and_only_where_there_are_groups(skewed: Path
     with LLM(skewed, **COPY, rebalance_interval_s=0.5) as llm:
         llm.generate(PROMPTS, GREEDY)
         deadline = 30.0
-        while llm.engine.rebalances == 0 and deadline > 0:  # idle: the loop still tends to it
+        while llm.engine.experts.rebalances == 0 and deadline > 0:  # idle: the loop still tends to it
             threading.Event().wait(0.1)
             deadline -= 0.1
-        assert llm.engine.rebalances >= 1 and llm.engine.last_rebalance is not None
-        assert llm.engine.last_rebalance["imbalance_after"] <= 1.3
+        assert llm.engine.experts.rebalances >= 1 and llm.engine.experts.last_rebalance is not None
+        assert llm.engine.experts.last_rebalance["imbalance_after"] <= 1.3
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
     with LLM(skewed, single_process=True) as single, pytest.raises(RebalanceUnavailable, match="one process"):
         single.rebalance()

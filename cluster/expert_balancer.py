@@ -1,0 +1,131 @@
+"""Where the experts' load goes, and when to place them anew: the engine's expert balancer.
+
+The engine hands it each step's counts (`record`); it keeps them since the experts were last
+placed (what a re-placement is computed from and what `load` reports), and between steps
+(`maintain`) it starts a re-placement when one is due and switches to it once the backend has
+moved the weights. Steps go on all the while: the backend moves weights beside them.
+
+Shapes: L layers, E experts, G expert groups.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Protocol
+
+import torch
+
+from cluster.placement import RecordedStep, layer_imbalance
+from protocol.expert_cost import ExpertCost
+
+logger = logging.getLogger(__name__)
+
+RECORDED_STEPS = 256  # the last steps' expert counts kept for the planner (`RecordedStep`)
+
+
+class Placer(Protocol):
+    """What the balancer needs of a backend: its groups, its cost model, and the two halves of a
+    re-placement."""
+
+    num_groups: int  # expert groups (1 in one process)
+    cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
+
+    def begin_rebalance(
+        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+    ) -> dict[str, Any]:
+        """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
+        `group_tokens` [L, G]; `steps`: the last steps' own counts) and start moving weights; the
+        report of what it will do, or why it keeps the placement it has ("refused"). Steps go on."""
+        ...
+
+    def finish_rebalance(self) -> dict[str, Any] | None:
+        """Between steps: switch to the new placement once its weights are in place (its report), else None."""
+        ...
+
+
+class ExpertBalancer:
+    """The load since the last placement, and the re-placement state machine: idle -> moving
+    (weights travel while steps run) -> switched (counts start again)."""
+
+    def __init__(self, placer: Placer, num_layers: int, num_experts: int, interval_s: float | None) -> None:
+        self.placer = placer
+        self.interval_s = interval_s  # re-place this often (None: only when asked)
+        self.expert_counts = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E] since start
+        # Since the experts were last placed: what the next re-placement is computed from.
+        self.since_counts = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E]
+        self.since_groups = torch.zeros(num_layers, placer.num_groups, dtype=torch.long)  # [L, G]
+        self.since_cost: dict[str, list[float]] = {}  # phase -> [layer times' sum s, ideal times' s, steps]
+        self.recorded: collections.deque[RecordedStep] = collections.deque(maxlen=RECORDED_STEPS)
+        self.moving = False  # a re-placement's weights are on their way
+        self.rebalances = 0  # re-placements done (or refused)
+        self.last_rebalance: dict[str, Any] | None = None
+        self._placed_at = time.monotonic()
+
+    def record(
+        self, phase: str, expert_counts: torch.Tensor, group_tokens: torch.Tensor, group_seconds: torch.Tensor
+    ) -> None:
+        """One step's load: `expert_counts` [L, E], `group_tokens` [L, G] pairs and `group_seconds`
+        [L, G] by the cost model; `phase` "prefill" (a prompt chunk in it) or "decode"."""
+        self.expert_counts += expert_counts
+        self.since_counts += expert_counts
+        self.since_groups += group_tokens
+        self.recorded.append((phase, expert_counts.tolist()))
+        acc = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
+        for seconds in group_seconds.tolist():  # [G] per layer
+            acc[0] += self.placer.cost.layer_time(seconds)
+            acc[1] += self.placer.cost.ideal_time(seconds)
+        acc[2] += 1
+
+    def begin(self) -> None:
+        """Place the experts anew from the load since the last placement; weights move while steps go
+        on, and `maintain` switches to it between two steps."""
+        if self.moving:
+            return
+        report = self.placer.begin_rebalance(self.since_counts.clone(), self.since_groups.clone(), list(self.recorded))
+        if report.get("refused"):  # the placement stays: done, and the load keeps being counted
+            logger.info("re-placement refused: %s", report["refused"])
+            self._done(report, restart=False)
+        else:
+            self.moving = True
+
+    def maintain(self) -> None:
+        """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
+        if self.moving:
+            report = self.placer.finish_rebalance()
+            if report is not None:
+                self.moving = False
+                self._done(report, restart=True)
+        elif self.interval_s is not None and time.monotonic() - self._placed_at >= self.interval_s:
+            if self.since_counts.sum() > 0:
+                self.begin()
+            else:
+                self._placed_at = time.monotonic()  # nothing to learn from yet
+
+    @property
+    def needs_maintenance(self) -> bool:
+        """Whether `maintain` must run even while no request is in (a re-placement under way or due)."""
+        return self.moving or self.interval_s is not None
+
+    def load(self) -> dict[str, Any]:
+        """Since the last placement: (token, expert) pairs per expert group (summed over layers) and
+        their imbalance (per layer the heaviest group over the mean, averaged over layers); per phase
+        the cost model's expert milliseconds per step (`ExpertCost.layer_time`, summed over layers)
+        and its imbalance (that over the same work spread evenly)."""
+        return {
+            "tokens_per_group": self.since_groups.sum(dim=0).tolist(),
+            "imbalance": layer_imbalance(self.since_groups.tolist()),
+            "cost_imbalance": {p: slow / mean if mean > 0 else 1.0 for p, (slow, mean, _) in self.since_cost.items()},
+            "expert_ms_per_step": {p: 1e3 * slow / n for p, (slow, _, n) in self.since_cost.items()},
+        }
+
+    def _done(self, report: dict[str, Any], restart: bool) -> None:
+        self.rebalances += 1
+        self.last_rebalance = report
+        self._placed_at = time.monotonic()
+        if restart:  # a new placement: its load is counted from nothing
+            self.since_counts.zero_()
+            self.since_groups.zero_()
+            self.since_cost.clear()
+            self.recorded.clear()

@@ -14,8 +14,8 @@ import statistics
 import time
 from typing import Any
 
-from cluster.engine import SamplingParams
 from cluster.llm import LLM
+from cluster.request import SamplingParams
 from cluster.structured import StructuredOutput
 
 MIN_ITEMS = 40

@@ -119,8 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from cluster.engine import SamplingParams
     from cluster.llm import LLM
+    from cluster.request import SamplingParams
 
     cfg = _load(args.config)
     ensure_checkpoint(cfg)

@@ -1,10 +1,12 @@
 """The engine: requests in, tokens and text out, one `step` at a time.
 
-It owns the scheduler, the block tables and the tokenizer; a `Backend` runs each step's batches
-(one per attention shard) and returns the sampled tokens. `LocalBackend` runs `model.Mixtral`
-in this process (the fast CPU path and the baseline); `cluster.workers.RayBackend` runs the same
-step over Ray actors. The engine is synchronous and single-threaded; `cluster.llm.LLM` drives it
-from a background thread for streaming.
+It owns the requests' lifecycle and the scheduler (with its block tables); a `Backend` runs each
+step's batches (one per attention shard) and returns the sampled tokens; its `OutputProcessor`
+turns them into text and reports (`cluster.output_processor`), its `ExpertBalancer` keeps the
+experts' load and re-places them (`cluster.expert_balancer`). Requests are `cluster.request`'s.
+`LocalBackend` runs `model.Mixtral` in this process (the fast CPU path and the baseline);
+`cluster.workers.RayBackend` runs the same step over Ray actors. The engine is synchronous and
+single-threaded; `cluster.llm.LLM` drives it from a background thread for streaming.
 
 `Engine.add_request` is the one place a request is checked: anything that can never run raises
 `RequestError`, which names the OpenAI field (`param`) to blame.
@@ -19,93 +21,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import Field
 
 from cluster.expert_balancer import ExpertBalancer, Placer
+from cluster.output_processor import Choice, OutputProcessor, RequestState
 from cluster.placement import RecordedStep
+from cluster.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from cluster.scheduler import Chunk, Scheduler
-from cluster.scheduler import Sequence as SchedSeq
-from cluster.structured import Grammar, StructuredOutput, bitmask
+from cluster.structured import Grammar, bitmask
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
-from model.sampling import SamplingParams as ModelSamplingParams
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from model.tokenizer import Tokenizer
 from protocol.config import EngineSection
 from protocol.expert_cost import TOKENS
-from protocol.step import MAX_TOP_LOGPROBS, Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
+from protocol.step import Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
 
 logger = logging.getLogger(__name__)
 
 EOS_WITHOUT_TOKENIZER = 2  # the end-of-sequence id of every Mistral vocabulary
-DECODE_CONTEXT = 4  # prompt tokens a text decoder starts from (enough for a word's leading space)
-
-FinishReason = Literal["stop", "length", "abort"]
-
-
-class SamplingParams(ModelSamplingParams):
-    """Per-request generation settings (the model-level ones plus choices, logprobs and stopping rules)."""
-
-    max_tokens: int = Field(default=16, ge=0)  # 0: score the prompt only (needs prompt_logprobs)
-    n: int = Field(default=1, ge=1)  # choices, sharing the prompt's KV blocks; choice i draws with seed + i
-    stop: list[str] = Field(default_factory=list)  # stop strings; the text ends before the first match
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per sampled token, + alternatives
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token (not the first)
-    min_tokens: int = Field(default=0, ge=0)  # no eos, stop token or stop string before this many tokens (vLLM's)
-    bad_token_ids: list[int] = Field(default_factory=list)  # never drawn (a tool call's token under tool_choice none)
-    structured: StructuredOutput | None = None  # the output must match this grammar (compiled by the caller)
-
-    def draw_params(self) -> ModelSamplingParams:
-        """What a shard needs to draw (sent with every step; stop rules and the grammar stay here)."""
-        return ModelSamplingParams(**self.model_dump(include=set(ModelSamplingParams.model_fields) - {"max_tokens"}))
 
 
 class EngineError(RuntimeError):
     """The engine cannot serve any more (a worker died, the backend failed)."""
-
-
-class RequestFailed(RuntimeError):
-    """One request failed while it ran (its sampling, its detokenising); the engine goes on."""
-
-
-class RequestError(ValueError):
-    """A request that can never run. `param` is the OpenAI request field that makes it so
-    (`prompt`, `max_tokens`, ...), `code` the OpenAI error code."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
-
-    def __reduce__(self) -> tuple[type[RequestError], tuple[str, str | None, str]]:
-        return RequestError, (self.message, self.param, self.code)  # picklable across Ray
-
-
-@dataclass
-class RequestOutput:
-    """One choice of a request after a step: what is new since the last update and everything so far."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool = False  # this choice is done
-    finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprobs] | None = None  # per token so far, when asked for
-    error: str | None = None  # the choice ended in error: its own (a RequestFailed) or the engine's
-    engine_failed: bool = False  # the error is the engine's: it cannot serve any more
-    index: int = 0  # which of the request's `n` choices
-    request_finished: bool = False  # every choice of the request is done: its last update
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once every prompt position is scored (the first: None)
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
@@ -222,39 +164,6 @@ class LocalBackend:
         pass
 
 
-@dataclass
-class _Choice:
-    """One choice of a request: its sequence and the text and logprobs reported so far."""
-
-    seq: SchedSeq
-    index: int
-    decoder: IncrementalDecoder | None  # None: the model has no tokenizer, its text stays empty
-    matcher: Any = None  # llguidance.LLMatcher of a constrained request: advanced with each accepted token
-    text: str = ""
-    emitted: int = 0  # characters of text already reported
-    emitted_tokens: int = 0
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-
-    def push(self, token: int) -> str:
-        return self.decoder.push(token) if self.decoder is not None else ""
-
-    def flush(self) -> str:
-        return self.decoder.flush() if self.decoder is not None else ""
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    choices: dict[int, _Choice]  # live choices by index
-    pending: list[Draw]  # choices still to fork from choice 0 once its prompt is computed
-    unfinished: int  # choices not done, pending ones included
-    draw: ModelSamplingParams  # `params.draw_params()`, what each draw's chunk carries
-    grammar: Grammar | None = None
-    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
-
-
 class Engine:
     def __init__(
         self,
@@ -271,6 +180,7 @@ class Engine:
         self.settings = settings
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
         self.max_model_len = settings.max_model_len or config.max_position_embeddings
+        self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_model_len)
         self.scheduler = Scheduler(
             backend.num_shards,
             blocks_per_shard,
@@ -280,8 +190,8 @@ class Engine:
             config.sliding_window,
             settings.prefix_caching,
         )
-        self.requests: dict[str, _Request] = {}
-        self._choices: dict[str, tuple[_Request, _Choice]] = {}  # by sequence id
+        self.requests: dict[str, RequestState] = {}
+        self._choices: dict[str, tuple[RequestState, Choice]] = {}  # by sequence id
         self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, rebalance_interval_s)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
@@ -308,8 +218,9 @@ class Engine:
         reuse = params.prompt_logprobs is None  # every prompt position must be computed to be scored
         seq = self.scheduler.add(request_id, list(prompt), params.max_tokens, reuse=reuse)
         forks = [Draw(cid, None if params.seed is None else params.seed + i) for i, cid in enumerate(choice_ids)]
-        first = _Choice(seq, 0, self._decoder(prompt), grammar.matcher() if grammar is not None else None)
-        req = _Request(request_id, list(prompt), params, {0: first}, forks[1:], params.n, params.draw_params(), grammar)
+        first = Choice(seq, 0, self.outputs.decoder(prompt), grammar.matcher() if grammar is not None else None)
+        draw = params.draw_params()
+        req = RequestState(request_id, list(prompt), params, {0: first}, forks[1:], params.n, draw, grammar)
         self.requests[request_id] = req
         self._choices[request_id] = (req, first)
 
@@ -358,8 +269,7 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None:
             return []
-        req.unfinished -= len(req.pending)
-        req.pending = []
+        req.drop_pending()
         return [self._finish(req, choice, "abort") for choice in list(req.choices.values())]
 
     @property
@@ -461,7 +371,7 @@ class Engine:
         return chunk
 
     def _apply(
-        self, req: _Request, choice: _Choice, c: Chunk, s: Sampled, results: dict[str, Sampled]
+        self, req: RequestState, choice: Choice, c: Chunk, s: Sampled, results: dict[str, Sampled]
     ) -> list[RequestOutput]:
         """A step's result into its choice; a failure of this one choice ends it alone."""
         if s.error is not None:
@@ -473,12 +383,12 @@ class Engine:
                 done = req.params.max_tokens == 0 and c.end == len(req.prompt)
                 return [self._finish(req, choice, "length")] if done else []
             forked = self._fork(req, choice, results) if choice.index == 0 and req.pending else []
-            return forked + [self._append(req, choice, s)]
+            return [*forked, self._take(req, choice, s)]
         except Exception as e:  # detokenising or stop checks of this request
             logger.exception("request %s failed after a step", req.request_id)
             return [self._fail(req, choice, f"{type(e).__name__}: {e}")]
 
-    def _fork(self, req: _Request, first: _Choice, results: dict[str, Sampled]) -> list[RequestOutput]:
+    def _fork(self, req: RequestState, first: Choice, results: dict[str, Sampled]) -> list[RequestOutput]:
         """Choice 0's prompt is computed and each pending choice drew its first token from the same
         logits: give each its own sequence, sharing the prompt's blocks."""
         outputs = []
@@ -486,95 +396,43 @@ class Engine:
             s = results[draw.request_id]
             seq, copy = self.scheduler.fork(first.seq, draw.request_id)
             matcher = first.matcher.deep_copy() if first.matcher is not None else None  # before it takes a token
-            choice = _Choice(seq, i, self._decoder(req.prompt), matcher)
+            choice = Choice(seq, i, self.outputs.decoder(req.prompt), matcher)
             req.choices[i] = choice
             self._choices[draw.request_id] = (req, choice)
             if copy is not None:
                 self._copies[seq.shard].append((copy, draw.request_id))
-            outputs.append(self._fail(req, choice, s.error) if s.error else self._append(req, choice, s))
+            outputs.append(self._fail(req, choice, s.error) if s.error else self._take(req, choice, s))
         req.pending = []
         return outputs
 
-    def _record_prompt_logprobs(self, req: _Request, start: int, scored: list[TokenLogprobs]) -> None:
+    def _take(self, req: RequestState, choice: Choice, s: Sampled) -> RequestOutput:
+        """A sampled token into its choice: the choice's report, its last if the token ends it."""
+        reason = self.outputs.accept(req, choice, s)
+        return self._finish(req, choice, reason) if reason is not None else self.outputs.report(req, choice)
+
+    def _record_prompt_logprobs(self, req: RequestState, start: int, scored: list[TokenLogprobs]) -> None:
         """The chunk starting at `start` scored positions start+1, start+2, ...; keep the prompt's,
         once each (a recomputed chunk scores them again)."""
         for position, entry in enumerate(scored, start=start + 1):
             if position == len(req.prompt_logprobs) and position < len(req.prompt):
                 req.prompt_logprobs.append(entry)
 
-    def _fail(self, req: _Request, choice: _Choice, error: str) -> RequestOutput:
+    def _fail(self, req: RequestState, choice: Choice, error: str) -> RequestOutput:
         logger.warning("request %s (choice %d) failed: %s", req.request_id, choice.index, error)
         if choice.index == 0:  # the pending choices would fork from it
-            req.unfinished -= len(req.pending)
-            req.pending = []
+            req.drop_pending()
         out = self._finish(req, choice, "abort")
         out.error = f"request {req.request_id} failed: {error}"
         return out
 
-    def _append(self, req: _Request, choice: _Choice, s: Sampled) -> RequestOutput:
-        seq, params = choice.seq, req.params
-        assert s.token is not None
-        seq.output.append(s.token)
-        if s.logprobs is not None:
-            choice.logprobs.append(s.logprobs)
-        stop_token = s.token in params.stop_token_ids or (s.token == self.eos_id and not params.ignore_eos)
-        reason: FinishReason | None = None
-        if stop_token:
-            choice.text += choice.flush()
-            reason = "stop"
-        else:
-            if choice.matcher is not None and not choice.matcher.consume_token(s.token):
-                raise RequestFailed(f"token {s.token} breaks the grammar: {choice.matcher.get_error()}")
-            choice.text += choice.push(s.token)
-            stops = params.stop if len(seq.output) >= params.min_tokens else []
-            cut = _first_stop(choice.text, stops, max(0, choice.emitted - _longest(stops)))
-            if choice.matcher is not None and choice.matcher.is_stopped():  # the grammar is complete
-                choice.text += choice.flush()
-                reason = "stop"
-            elif cut is not None:
-                choice.text = choice.text[:cut]
-                reason = "stop"
-            elif len(seq.output) >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
-                choice.text += choice.flush()
-                reason = "length"
-        if reason is not None:
-            return self._finish(req, choice, reason)
-        return self._update(req, choice, hold=_longest(params.stop) - 1)
-
-    def _update(
-        self, req: _Request, choice: _Choice, hold: int = 0, reason: FinishReason | None = None
-    ) -> RequestOutput:
-        """The delta since the last report; `hold` characters stay back while a stop string may be forming."""
-        visible = len(choice.text) if reason is not None else max(choice.emitted, len(choice.text) - max(hold, 0))
-        new_text = choice.text[choice.emitted : visible]
-        choice.emitted = visible
-        new_tokens = choice.seq.output[choice.emitted_tokens :]
-        choice.emitted_tokens = len(choice.seq.output)
-        scored = req.params.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt)
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt,
-            token_ids=list(choice.seq.output),
-            text=choice.text[:visible],
-            new_token_ids=new_tokens,
-            new_text=new_text,
-            finished=reason is not None,
-            finish_reason=reason,
-            logprobs=list(choice.logprobs) if req.params.logprobs is not None else None,
-            index=choice.index,
-            request_finished=req.unfinished == 0,
-            prompt_logprobs=req.prompt_logprobs if scored else None,  # complete: no longer appended to
-            cached_tokens=req.choices[0].seq.cached_tokens if 0 in req.choices else 0,
-        )
-
-    def _finish(self, req: _Request, choice: _Choice, reason: FinishReason) -> RequestOutput:
+    def _finish(self, req: RequestState, choice: Choice, reason: FinishReason) -> RequestOutput:
         seq = choice.seq
         if seq.shard >= 0:
             self._drops[seq.shard].append(seq.request_id)
         self.scheduler.finish(seq)
         del self._choices[seq.request_id]
         req.unfinished -= 1
-        out = self._update(req, choice, reason=reason)
+        out = self.outputs.report(req, choice, reason)
         del req.choices[choice.index]
         if req.unfinished == 0:
             del self.requests[req.request_id]
@@ -584,18 +442,12 @@ class Engine:
         """End every request with `error` (the backend is gone)."""
         outs = []
         for req in list(self.requests.values()):
-            req.unfinished -= len(req.pending)
-            req.pending = []
+            req.drop_pending()
             for choice in list(req.choices.values()):
                 out = self._finish(req, choice, "abort")
                 out.error, out.engine_failed = error, True
                 outs.append(out)
         return outs
-
-    def _decoder(self, prompt: Sequence[int]) -> IncrementalDecoder | None:
-        """A choice's text decoder, with the prompt's last tokens as context so the first generated
-        piece keeps its leading space ("The capital of France is" + " Paris")."""
-        return self.tokenizer.decoder(prompt[-DECODE_CONTEXT:]) if self.tokenizer is not None else None
 
     def shutdown(self) -> None:
         self.backend.shutdown()
@@ -604,13 +456,3 @@ class Engine:
 def _choice_id(request_id: str, index: int) -> str:
     """The sequence id of a request's choice `index` > 0 (choice 0's is the request's own)."""
     return f"{request_id}#choice{index}"
-
-
-def _longest(stops: Sequence[str]) -> int:
-    return max((len(s) for s in stops), default=0)
-
-
-def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    """Index where the earliest stop string begins in text[start:], if any."""
-    hits = [i for s in stops if s and (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None

@@ -15,9 +15,10 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine import EngineError, RebalanceUnavailable, RequestError, RequestFailed, RequestOutput
+from cluster.engine import EngineError, RebalanceUnavailable
 from cluster.llm import LLM
 from cluster.openai_protocol import APIError
+from cluster.request import RequestError, RequestFailed, RequestOutput
 from cluster.serve_config import ServeConfig
 from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
 from cluster.tool_calls import ToolCallReader, constrain

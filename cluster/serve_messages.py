@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from cluster.engine import SamplingParams
 from cluster.openai_protocol import APIError, ChatMessage, Tool, ToolChoice
+from cluster.request import SamplingParams
 
 
 class _Message(BaseModel):

@@ -19,8 +19,8 @@ import string
 from mistral_common.protocol.instruct.tool_calls import FunctionCall
 from pydantic import ValidationError
 
-from cluster.engine import RequestError, SamplingParams
 from cluster.openai_protocol import NamedToolChoice, Tool, ToolChoice
+from cluster.request import RequestError, SamplingParams
 from cluster.serve_messages import ToolCallOut, Update
 from cluster.structured import StructuredOutput, tool_call_grammar
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.engine import EngineError, RequestFailed, SamplingParams
+from cluster.engine import EngineError
 from cluster.llm import LLM
 from cluster.placement import param_bytes
+from cluster.request import RequestFailed, SamplingParams
 from tests.helpers import (
     ENGINE_CONFIG,
     idle,

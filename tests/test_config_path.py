@@ -19,11 +19,11 @@ import pytest
 import ray
 
 from cluster.cli import plan_rows, serve_options
-from cluster.engine import RequestError, SamplingParams
 from cluster.ingress import Ingress
 from cluster.kv_cache import blocks_for_budget
 from cluster.llm import LLM
 from cluster.llm_server import LLMServer
+from cluster.request import RequestError, SamplingParams
 from cluster.serve import build_app
 from cluster.serve_config import ServeConfig
 from model.checkpoint import Checkpoint

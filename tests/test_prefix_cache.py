@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cluster.engine import SamplingParams
 from cluster.kv_cache import BlockPool, block_key
 from cluster.llm import LLM
+from cluster.request import SamplingParams
 from cluster.scheduler import Scheduler
 from tests.helpers import ENGINE_CONFIG, random_prompts
 

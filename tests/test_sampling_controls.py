@@ -23,8 +23,8 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from cluster.engine import RequestError, SamplingParams
 from cluster.llm import LLM
+from cluster.request import RequestError, SamplingParams
 from cluster.serve_config import ServeConfig
 from cluster.serve_messages import Failure, GenerateCall
 from cluster.structured import StructuredOutput

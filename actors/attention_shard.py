@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from actors.worker import Worker
-from model.kv_cache import CacheBatch, KVCache
-from protocol.step import Sampled, Sampler, StepPlan, pack
+from protocol.step import Sampled, ShardRunner, StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
 
 
@@ -24,26 +23,23 @@ class AttentionShard(Worker):
         super().__init__(spec, setup)
         self.router_rank = setup.router_ranks[spec.router]
         block_size = setup.config.engine.block_size
-        self.cache = KVCache.allocate(self.config, setup.num_blocks, block_size, self.dtype, self.device)
-        self.sampler = Sampler()
+        self.shard = ShardRunner(self.config, setup.num_blocks, block_size, self.dtype, self.device)
 
     def run_step(self, plan: StepPlan) -> list[Sampled]:
         clock = self.clock
         clock.begin_step()
         batch = plan.batches[self.spec.index]
-        self.sampler.drop(batch.finished)
-        self.cache.copy_blocks(batch.copies)  # forked choices' own last blocks, before anything writes
+        self.shard.begin(batch)
         if not batch.chunks:  # nothing here this step; the router expects no rows from us
             clock.end_step()
             return []
         with clock("attention"):  # the layer loop; its moe_wait spans are charged to moe_wait
-            p = pack(batch, self.device)
-            cache = CacheBatch(self.cache, p.block_tables)
+            p, cache = self.shard.pack(batch)
             h = self.model.hidden_states(
                 p.tokens, p.positions, p.seq_lens, cache, self.moe_over_data_plane, p.logit_rows
             )  # [R, H]
         with clock("head"):
-            sampled = self.sampler.sample(batch, self.model.lm_head(h), p.spans)  # logits [R, V]
+            sampled = self.shard.sampler.sample(batch, self.model.lm_head(h), p.spans)  # logits [R, V]
         clock.end_step()
         return sampled
 
@@ -56,4 +52,7 @@ class AttentionShard(Worker):
         return out
 
     def settings(self) -> dict[str, Any]:
-        return super().settings() | {"num_blocks": self.cache.num_blocks, "block_size": self.cache.block_size}
+        return super().settings() | {
+            "num_blocks": self.shard.cache.num_blocks,
+            "block_size": self.shard.cache.block_size,
+        }

@@ -34,12 +34,11 @@ from cluster.scheduler import Chunk, Scheduler
 from cluster.structured import Grammar, bitmask
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
-from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
 from protocol.config import EngineSection
 from protocol.expert_cost import TOKENS
-from protocol.step import Draw, Sampled, Sampler, SeqChunk, ShardBatch, TokenLogprobs, pack
+from protocol.step import Draw, Sampled, SeqChunk, ShardBatch, ShardRunner, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +111,18 @@ class LocalBackend:
         self.recoveries: list[dict[str, Any]] = []  # no workers to lose
         weight = model.embed_tokens.weight
         extra = 0 if decode_graphs is None else 1
-        self.cache = KVCache.allocate(model.config, num_blocks + extra, block_size, weight.dtype, weight.device)
-        self.sampler = Sampler()
+        self.shard = ShardRunner(model.config, num_blocks + extra, block_size, weight.dtype, weight.device)
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
             max_len, max_seqs = decode_graphs
-            self.graphs = DecodeGraphs(model, self.cache, max_len, max_seqs, capture=weight.device.type == "cuda")
+            capture = weight.device.type == "cuda"
+            self.graphs = DecodeGraphs(model, self.shard.cache, max_len, max_seqs, capture=capture)
 
     @torch.inference_mode()
     def execute(self, batches: list[ShardBatch]) -> Executed:
         (batch,) = batches
-        self.sampler.drop(batch.finished)
-        self.cache.copy_blocks(batch.copies)  # forked choices' own last blocks, before anything writes
-        cfg, device = self.model.config, self.cache.k.device
+        self.shard.begin(batch)
+        cfg, device = self.model.config, self.shard.cache.k.device
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
         sampled: list[Sampled] = []
         if (
@@ -136,12 +134,11 @@ class LocalBackend:
                 [c.tokens[0] for c in batch.chunks], [c.start for c in batch.chunks],
                 [c.block_table for c in batch.chunks],
             )  # fmt: skip
-            sampled = self.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
+            sampled = self.shard.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
         elif batch.chunks:
-            p = pack(batch, device)
-            cache = CacheBatch(self.cache, p.block_tables)
+            p, cache = self.shard.pack(batch)
             logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)
-            sampled = self.sampler.sample(batch, logits, p.spans)
+            sampled = self.shard.sampler.sample(batch, logits, p.spans)
         counts = counts.cpu()  # the counters are read once per step
         pairs = counts.sum(dim=1, keepdim=True)  # one group: all the pairs, nothing to balance
         return Executed([sampled], counts, pairs, torch.zeros(pairs.shape, dtype=torch.float64))

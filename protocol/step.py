@@ -8,7 +8,8 @@ shard, plain data and cheap to pickle; routers read the shards' sizes from it. `
 shard's batch into the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each
 chunk that ends its sequence with the request's own generator, and scores the prompt tokens of
 chunks that ask for it. The single-process engine and the `AttentionShard` actor both use these,
-so they sample identically.
+so they sample identically; `ShardRunner` is the state and the step both keep per shard (the
+paged cache, the sampler) and the steps' common part around the forward each runs its own way.
 
 Logprobs are the fp32 log-softmax of the model's logits, before the request's controls (logit
 bias, penalties, a grammar's mask), temperature, min-p, top-k and top-p (what vLLM reports by
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.config import ModelConfig
+from model.kv_cache import CacheBatch, KVCache
 from model.sampling import SamplingParams, adjust, allowed_tokens, make_generator, sample
 
 MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per position
@@ -234,3 +237,25 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Toke
     else:
         tops = [[] for _ in tokens]
     return [TokenLogprobs(t, c, top) for t, c, top in zip(tokens, chosen, tops, strict=True)]
+
+
+class ShardRunner:
+    """One attention shard across steps: the paged KV cache of its sequences and the sampler that
+    keeps their generators. A step is `begin` (forget finished sequences, copy forked choices'
+    last blocks before anything writes), then, if the shard has chunks, `pack`, the forward (in
+    this process, or with the MoE halves over the data plane) and `sampler.sample`."""
+
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.cache = KVCache.allocate(config, num_blocks, block_size, dtype, device)
+        self.sampler = Sampler()
+
+    def begin(self, batch: ShardBatch) -> None:
+        self.sampler.drop(batch.finished)
+        self.cache.copy_blocks(batch.copies)
+
+    def pack(self, batch: ShardBatch) -> tuple[Packed, CacheBatch]:
+        """The batch's chunks as the model's tensors, and the cache seen through their block tables."""
+        p = pack(batch, self.cache.k.device)
+        return p, CacheBatch(self.cache, p.block_tables)

@@ -168,7 +168,7 @@ def _largest_n(llm: LLM) -> int:
 
 
 def _single_blocks(r: Running) -> int:
-    return int(r.single.engine.backend.cache.num_blocks)  # type: ignore[attr-defined]
+    return int(r.single.engine.backend.shard.cache.num_blocks)  # type: ignore[attr-defined]
 
 
 def _budget_blocks(r: Running, gb: float) -> int:

@@ -68,7 +68,7 @@ def test_an_engine_stepping_through_fixed_shape_decodes_generates_the_reference(
     settings = EngineSection(block_size=BLOCK, num_blocks=64, max_batched_tokens=32, max_seqs=4)
     model = load_model(ckpt)
     backend = LocalBackend(model, 64, BLOCK, decode_graphs=(128, 4))
-    assert backend.graphs is not None and backend.cache.num_blocks == 65  # the scratch block on top
+    assert backend.graphs is not None and backend.shard.cache.num_blocks == 65  # the scratch block on top
     steps: list[int] = []
     real_step = backend.graphs.step
 

@@ -285,7 +285,7 @@ class Engine:
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV cache of all shards holds at once."""
-        return sum(p.num_blocks for p in self.scheduler.pools) * self.scheduler.block_size
+        return sum(p.num_blocks for p in self.scheduler.blocks.pools) * self.scheduler.block_size
 
     # ---- one step ----------------------------------------------------------------------------
 

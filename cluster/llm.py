@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from cluster.block_pool import blocks_for_budget
 from cluster.engine import Backend, Engine, EngineError, LocalBackend
-from cluster.kv_cache import blocks_for_budget
 from cluster.placement import Layout, worker_setup
 from cluster.request import RequestError, RequestFailed, RequestOutput, SamplingParams
 from cluster.structured import Grammar, GrammarError, Grammars

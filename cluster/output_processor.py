@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.request import FinishReason, RequestFailed, RequestOutput, SamplingParams
-from cluster.scheduler import Sequence as SchedSeq
+from cluster.sequence import Sequence as SchedSeq
 from cluster.structured import Grammar
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer

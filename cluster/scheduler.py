@@ -6,10 +6,11 @@ allow. Every sequence lives on one attention shard and uses that shard's blocks.
 runs out, the newest sequence on it is preempted: its blocks are freed and it is recomputed
 (prompt + tokens so far) when it is admitted again; it never corrupts or crashes another
 sequence. With a sliding window, blocks wholly outside the window of a sequence's next query are
-freed as it advances.
+freed as it advances. Which blocks a sequence holds is `cluster.block_manager.BlockManager`'s
+business; this decides which sequences run and when they wait.
 
 Prefix caching: a sequence's full blocks are keyed by their tokens and everything before them
-(`cluster.kv_cache.block_key`) as they fill. At admission a sequence takes the cached blocks of
+(`cluster.block_pool.block_key`) as they fill. At admission a sequence takes the cached blocks of
 its longest cached prefix instead of recomputing them, on the shard that holds the most of it
 among those with room (otherwise the one with the most free blocks). It always computes at least
 its last token, so the step has logits to sample from and shared blocks are never written.
@@ -24,51 +25,12 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
-from cluster.kv_cache import BlockKey, BlockPool, block_key, blocks_needed
-from model.kv_cache import FREED
+from cluster.block_manager import BlockManager
+from cluster.sequence import Sequence, Status
 
 logger = logging.getLogger(__name__)
-
-
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    prompt: list[int]
-    max_tokens: int
-    arrival: int
-    output: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    shard: int = -1
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose keys/values are in the cache
-    preemptions: int = 0
-    reuse: bool = True  # may take cached prefix blocks (not when every prompt position must be scored)
-    forked: bool = False  # a choice forked from another sequence: its sampling state lives on its shard
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache at its (first) admission
-    keys: list[BlockKey] = field(default_factory=list)  # keys of its full blocks so far, in order
-    registered: int = 0  # leading blocks offered to the cache
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def num_blocks_held(self) -> int:
-        return sum(1 for b in self.block_table if b != FREED)
-
-    @property
-    def pinned(self) -> bool:
-        """Its sampling state lives on its shard: it must come back there."""
-        return self.preemptions > 0 or self.forked
 
 
 @dataclass
@@ -106,8 +68,7 @@ class Scheduler:
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
         self.max_seqs = max_seqs
-        self.window = window
-        self.pools = [BlockPool(blocks_per_shard, prefix_caching) for _ in range(num_shards)]
+        self.blocks = BlockManager(num_shards, blocks_per_shard, block_size, window, prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self._arrivals = itertools.count()
@@ -115,18 +76,10 @@ class Scheduler:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def max_blocks_per_sequence(self, total_tokens: int) -> int:
-        """Blocks a sequence of `total_tokens` can hold at once (bounded by the window if any)."""
-        full = blocks_needed(total_tokens, self.block_size)
-        if self.window is None:
-            return full
-        # Keys of the window before the chunk, the chunk itself, and one partial block at each end.
-        return min(full, blocks_needed(self.window - 1 + self.max_batched_tokens, self.block_size) + 1)
-
     def check_fits(self, request_id: str, total_tokens: int) -> None:
         """ValueError when a sequence of `total_tokens` could never hold its blocks on a shard."""
-        need = self.max_blocks_per_sequence(total_tokens)
-        have = self.pools[0].num_blocks
+        need = self.blocks.max_blocks_per_sequence(total_tokens, self.max_batched_tokens)
+        have = self.blocks.blocks_per_shard
         if need > have:
             raise ValueError(
                 f"request {request_id} needs up to {need} KV blocks of {self.block_size} tokens, "
@@ -145,7 +98,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self._free_all(seq)
+        self.blocks.free_all(seq)
         seq.status = Status.FINISHED
 
     def fork(self, seq: Sequence, request_id: str) -> tuple[Sequence, tuple[int, int] | None]:
@@ -157,22 +110,11 @@ class Scheduler:
         assert seq.num_computed == len(seq.prompt) and not seq.output, "forks are made as the prompt completes"
         child = Sequence(request_id, list(seq.prompt), seq.max_tokens, next(self._arrivals), shard=seq.shard,
                          reuse=seq.reuse, forked=True, keys=list(seq.keys))  # fmt: skip
-        pool = self.pools[seq.shard]
-        full = seq.num_computed // self.block_size
-        copy: tuple[int, int] | None = None
-        if seq.num_computed % self.block_size:  # the last block is partly filled: the child writes into it
-            block = pool.allocate()
-            if block is None:
-                child.status = Status.WAITING
-                self.waiting.appendleft(child)
-                return child, None
-            copy = (seq.block_table[full], block)
-        for b in seq.block_table[:full]:
-            if b != FREED:
-                pool.share(b)
-        child.block_table = seq.block_table[:full] + ([copy[1]] if copy else [])
-        child.num_computed = seq.num_computed
-        child.registered = min(seq.registered, full)
+        placed, copy = self.blocks.fork(seq, child)
+        if not placed:
+            child.status = Status.WAITING
+            self.waiting.appendleft(child)
+            return child, None
         child.status = Status.RUNNING
         self.running.append(child)
         return child, copy
@@ -185,15 +127,14 @@ class Scheduler:
         for seq in self.waiting:
             if seq.shard == shard:
                 seq.block_table, seq.num_computed, seq.registered = [], 0, 0
-        old = self.pools[shard]
-        self.pools[shard] = BlockPool(old.num_blocks, old.caching)
+        self.blocks.reset(shard)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def blocks_in_use(self) -> int:
-        return sum(p.num_used for p in self.pools)
+        return self.blocks.blocks_in_use()
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -208,8 +149,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted by an older sequence this step
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            self._release_outside_window(seq, seq.num_computed)
-            while not self._grow(seq, seq.num_computed + n):
+            self.blocks.release_outside_window(seq, seq.num_computed)
+            while not self.blocks.grow(seq, seq.num_computed + n):
                 victim = self._newest_unscheduled(seq.shard, scheduled, exclude=seq) or seq
                 self._preempt(victim, f"KV blocks exhausted on shard {victim.shard}")
                 preempted.append(victim)
@@ -235,99 +176,27 @@ class Scheduler:
         """Record that the step ran: the chunks' keys/values are now cached, and blocks they filled
         are offered to the prefix cache."""
         for c in chunks:
-            seq = c.seq
-            seq.num_computed = c.end
-            full = seq.num_computed // self.block_size
-            keys = self._keys(seq, full)
-            pool = self.pools[seq.shard]
-            for j in range(seq.registered, full):
-                if seq.block_table[j] != FREED:
-                    pool.register(seq.block_table[j], keys[j])
-            seq.registered = max(seq.registered, full)
-
-    # ---- blocks ------------------------------------------------------------------------------
+            c.seq.num_computed = c.end
+            self.blocks.register_filled(c.seq)
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Place a waiting sequence: its shard, the cached prefix it takes, blocks for its first chunk."""
         if seq.pinned:  # its sampling state lives on its shard: it returns there
-            candidates = [(seq.shard, self._prefix_on(seq, seq.shard))]
+            candidates = [(seq.shard, self.blocks.prefix_on(seq, seq.shard))]
         else:
-            by_prefix = [(s, self._prefix_on(seq, s)) for s in range(len(self.pools))]
-            candidates = sorted(by_prefix, key=lambda sp: (-len(sp[1]), -self.pools[sp[0]].num_free))
+            pools = self.blocks.pools
+            by_prefix = [(s, self.blocks.prefix_on(seq, s)) for s in range(len(pools))]
+            candidates = sorted(by_prefix, key=lambda sp: (-len(sp[1]), -pools[sp[0]].num_free))
         for shard, prefix in candidates:  # the most cached prefix first, where its first chunk fits
             seq.shard = shard
-            self._take_prefix(seq, prefix)
+            self.blocks.take_prefix(seq, prefix)
             end = min(len(seq.tokens), seq.num_computed + budget)
-            if self._grow(seq, end):
+            if self.blocks.grow(seq, end):
                 return True
-            self._free_all(seq)
+            self.blocks.free_all(seq)
         if not seq.pinned:
             seq.shard = -1
         return False
-
-    def _prefix_on(self, seq: Sequence, shard: int) -> list[int]:
-        """The cached blocks of `seq`'s longest cached prefix on `shard` (never its last token's block)."""
-        if not seq.reuse or not self.pools[shard].caching:
-            return []
-        reusable = (len(seq.tokens) - 1) // self.block_size  # leave the last token to compute
-        return self.pools[shard].cached_prefix(self._keys(seq, reusable))
-
-    def _take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
-        """Start `seq` from cached `blocks`; with a window, those wholly before it are not needed."""
-        pool = self.pools[seq.shard]
-        computed = len(blocks) * self.block_size
-        lowest_key = -1 if self.window is None else computed - self.window + 1
-        seq.block_table = []
-        for j, block in enumerate(blocks):
-            if (j + 1) * self.block_size <= lowest_key:
-                seq.block_table.append(FREED)
-            else:
-                pool.share(block)
-                seq.block_table.append(block)
-        seq.num_computed = computed
-        seq.registered = len(blocks)
-        if seq.preemptions == 0 and not seq.forked:
-            seq.cached_tokens = computed
-
-    def _keys(self, seq: Sequence, num_blocks: int) -> list[BlockKey]:
-        """Keys of `seq`'s first `num_blocks` full blocks, computed once as its tokens are known."""
-        tokens, b = seq.tokens, self.block_size
-        while len(seq.keys) < num_blocks:
-            j = len(seq.keys)
-            seq.keys.append(block_key(seq.keys[-1] if seq.keys else None, tokens[j * b : (j + 1) * b]))
-        return seq.keys[:num_blocks]
-
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give `seq` blocks for its first `num_tokens` positions; False (holding what it had) if none left."""
-        pool = self.pools[seq.shard]
-        while len(seq.block_table) < blocks_needed(num_tokens, self.block_size):
-            block = pool.allocate()
-            if block is None:
-                return False
-            seq.block_table.append(block)
-        return True
-
-    def _release_outside_window(self, seq: Sequence, first_query: int) -> None:
-        if self.window is None:
-            return
-        lowest_key = first_query - self.window + 1  # no query from here on sees a position below this
-        pool = self.pools[seq.shard]
-        for j, block in enumerate(seq.block_table):
-            if (j + 1) * self.block_size > lowest_key:
-                break
-            if block != FREED:
-                pool.free(block)
-                seq.block_table[j] = FREED
-
-    def _free_all(self, seq: Sequence) -> None:
-        if seq.shard >= 0:
-            pool = self.pools[seq.shard]
-            for b in seq.block_table:
-                if b != FREED:
-                    pool.free(b)
-        seq.block_table = []
-        seq.num_computed = 0
-        seq.registered = 0
 
     def _newest_unscheduled(self, shard: int, scheduled: set[int], exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):
@@ -338,7 +207,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, why: str) -> None:
         logger.info("preempting %s (%s); it will be recomputed", seq.request_id, why)
         self.running.remove(seq)
-        self._free_all(seq)
+        self.blocks.free_all(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
         self.num_preemptions += 1

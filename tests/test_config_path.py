@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import ray
 
+from cluster.block_pool import blocks_for_budget
 from cluster.cli import plan_rows, serve_options
 from cluster.ingress import Ingress
-from cluster.kv_cache import blocks_for_budget
 from cluster.llm import LLM
 from cluster.llm_server import LLMServer
 from cluster.request import RequestError, SamplingParams
@@ -107,7 +107,7 @@ CHECKS: dict[str, Check] = {
     "step_timeout_s": (99.0, lambda r: r.llm.backend.step_timeout_s),
     "kv_overcommit": (2.0, lambda r: r.server.token_budget / r.llm.engine.kv_capacity_tokens),
     "kernels": ("torch", lambda r: _all_workers(r, "kernels").pop()),
-    "prefix_caching": (False, lambda r: {p.caching for p in r.llm.engine.scheduler.pools}.pop()),
+    "prefix_caching": (False, lambda r: {p.caching for p in r.llm.engine.scheduler.blocks.pools}.pop()),
     "max_n": (5, lambda r: _largest_n(r.llm)),
     # serving
     "host": ("127.0.0.2", lambda r: serve_options(r.cfg)["http_options"].host),

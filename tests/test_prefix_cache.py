@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cluster.kv_cache import BlockPool, block_key
+from cluster.block_pool import BlockPool, block_key
 from cluster.llm import LLM
 from cluster.request import SamplingParams
 from cluster.scheduler import Scheduler
@@ -55,7 +55,7 @@ def test_a_request_goes_to_the_shard_holding_its_prefix() -> None:
     filler = s.add("f", [7, 8, 9], max_tokens=2)  # takes the other shard (more free blocks)
     s.advance(s.schedule().chunks)
     assert filler.shard != a.shard
-    assert s.pools[filler.shard].num_free > s.pools[a.shard].num_free
+    assert s.blocks.pools[filler.shard].num_free > s.blocks.pools[a.shard].num_free
     b = s.add("b", prefix + [3], max_tokens=2)
     sched = s.schedule()
     assert b.shard == a.shard and b.cached_tokens == 12  # the prefix's shard, though it has fewer free blocks

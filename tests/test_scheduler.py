@@ -67,7 +67,7 @@ def test_a_lone_sequence_that_cannot_fit_preempts_itself_not_others() -> None:
 def test_sliding_window_keeps_a_bounded_block_count() -> None:
     s = Scheduler(num_shards=1, blocks_per_shard=8, block_size=4, max_batched_tokens=4, window=6)
     seq = s.add("long", list(range(10)), max_tokens=200)
-    bound = s.max_blocks_per_sequence(210)
+    bound = s.blocks.max_blocks_per_sequence(210, s.max_batched_tokens)
     assert bound <= 4
     peak = 0
     while seq.status is not Status.FINISHED:

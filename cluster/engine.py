@@ -29,7 +29,7 @@ import torch
 from cluster.expert_balancer import ExpertBalancer, Placer
 from cluster.output_processor import Choice, OutputProcessor, RequestState
 from cluster.placement import RecordedStep
-from cluster.request import FinishReason, RequestError, RequestOutput, SamplingParams
+from cluster.request import FinishReason, RequestError, RequestOutput, SamplingParams, check_token_ids
 from cluster.scheduler import Chunk, Scheduler
 from cluster.structured import Grammar, bitmask
 from model.config import ModelConfig
@@ -232,13 +232,10 @@ class Engine:
         if params.max_tokens == 0 and (params.prompt_logprobs is None or params.n > 1):
             raise RequestError("max_tokens must be > 0, except to score a prompt (echo with logprobs, n 1)",
                                "max_tokens")  # fmt: skip
-        vocab = self.config.vocab_size
         checked = {"prompt": prompt, "logit_bias": params.logit_bias, "bad_token_ids": params.bad_token_ids,
                    "stop_token_ids": params.stop_token_ids}  # fmt: skip
         for param, ids in checked.items():
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"{param} token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", param)
+            check_token_ids(ids, self.config.vocab_size, param)
         if params.min_tokens > params.max_tokens:
             raise RequestError(f"min_tokens ({params.min_tokens}) exceeds max_tokens ({params.max_tokens})",
                                "min_tokens")  # fmt: skip

@@ -18,7 +18,7 @@ from actors.worker import rss_bytes
 from cluster.engine import EngineError, RebalanceUnavailable
 from cluster.llm import LLM
 from cluster.openai_protocol import APIError
-from cluster.request import RequestError, RequestFailed, RequestOutput
+from cluster.request import RequestError, RequestFailed, RequestOutput, check_token_ids
 from cluster.serve_config import ServeConfig
 from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
 from cluster.tool_calls import ToolCallReader, constrain
@@ -117,11 +117,8 @@ class LLMServer:
         return {"count": len(tokens), "max_model_len": self.llm.engine.max_model_len, "tokens": tokens}
 
     def detokenize(self, tokens: list[int]) -> dict[str, Any]:
-        vocab = self.llm.model_config.vocab_size
-        bad = [t for t in tokens if not 0 <= t < vocab]
         try:
-            if bad:
-                raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
+            check_token_ids(tokens, self.llm.model_config.vocab_size, "tokens")
             return {"prompt": self.llm.decode(tokens)}
         except RequestError as e:
             return {"error": Failure(status=400, message=e.message, param=e.param, code=e.code).model_dump()}

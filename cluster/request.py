@@ -4,6 +4,7 @@ produced after a step (`RequestOutput`), and how it fails (`RequestError`: it ca
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,3 +71,10 @@ class RequestOutput:
     request_finished: bool = False  # every choice of the request is done: its last update
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once every prompt position is scored (the first: None)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> None:
+    """`RequestError` naming `param` when any of `ids` is outside the vocabulary."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"{param}: token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", param)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from actors.worker import Worker
-from protocol.step import Sampled, ShardRunner, StepPlan
+from protocol.step import Sampled, ShardBatch, ShardRunner
 from protocol.worker import WorkerSetup, WorkerSpec
 
 
@@ -25,10 +25,9 @@ class AttentionShard(Worker):
         block_size = setup.config.engine.block_size
         self.shard = ShardRunner(self.config, setup.num_blocks, block_size, self.dtype, self.device)
 
-    def run_step(self, plan: StepPlan) -> list[Sampled]:
+    def run_step(self, batch: ShardBatch) -> list[Sampled]:
         clock = self.clock
         clock.begin_step()
-        batch = plan.batches[self.spec.index]
         self.shard.begin(batch)
         if not batch.chunks:  # nothing here this step; the router expects no rows from us
             clock.end_step()

@@ -23,7 +23,6 @@ from actors.worker import Worker
 from model.checkpoint import Checkpoint
 from model.moe import ExpertFFN
 from protocol.experts import Placement
-from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
 
 Moves = dict[int, dict[int, int]]  # layer -> slot -> the expert to hold there
@@ -111,8 +110,9 @@ class ExpertGroup(Worker):
         self.local_of = self._local_table()
         self._staged = {}
 
-    def run_step(self, plan: StepPlan) -> int:
-        """Serve every layer of this step; returns the rows processed."""
+    def run_step(self, message: None) -> int:
+        """Serve every layer of this step (the message is empty: rows and experts come over the
+        data plane); returns the rows processed."""
         cfg, clock = self.config, self.clock
         clock.begin_step()
         total = 0

@@ -19,7 +19,6 @@ from actors.dispatch import router_exchange
 from actors.worker import Worker
 from protocol.expert_cost import TOKENS, ExpertCost
 from protocol.experts import Placement, holders
-from protocol.step import StepPlan
 from protocol.worker import WorkerSetup, WorkerSpec
 
 
@@ -45,12 +44,12 @@ class Router(Worker):
         """Tokens this router has sent to each expert, per layer, since it started: [L, E]."""
         return self.total_counts.clone()
 
-    def run_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run every layer's routing for this step; returns tokens per expert [L, E], the (token,
-        expert) pairs it sent each expert group [L, G] and their seconds by the cost model [L, G]."""
+    def run_step(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run every layer's routing for this step, whose shards send `sizes` rows each (in
+        `spec.shards` order); returns tokens per expert [L, E], the (token, expert) pairs it sent
+        each expert group [L, G] and their seconds by the cost model [L, G]."""
         cfg, clock = self.config, self.clock
         clock.begin_step()
-        sizes = [plan.batches[a].num_tokens for a in self.spec.shards]
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)  # [L, E]
         self.group_tokens = torch.zeros(cfg.num_layers, self.num_groups, dtype=torch.long)  # [L, G]
         self.group_seconds = torch.zeros(cfg.num_layers, self.num_groups, dtype=torch.float64)  # [L, G]

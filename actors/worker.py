@@ -17,7 +17,7 @@ from model.checkpoint import Checkpoint
 from model.kernels import select_kernels
 from model.loader import load_into
 from model.mixtral import Mixtral
-from protocol.step import StepPlan
+from protocol.step import StepMessage
 from protocol.worker import WorkerSetup, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,11 @@ class Worker(abc.ABC):
         return self.plane
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> Any:
+    def step(self, message: StepMessage) -> Any:
         """One engine step (`run_step`). If it fails (a peer died and the data plane broke, or anything
         else), the data plane is torn down so the peers blocked on this worker fail at once too."""
         try:
-            return self.run_step(plan)
+            return self.run_step(message)
         except BaseException:
             if self.plane is not None:
                 self.plane.abort()
@@ -118,8 +118,9 @@ class Worker(abc.ABC):
             raise
 
     @abc.abstractmethod
-    def run_step(self, plan: StepPlan) -> Any:
-        """The role's part of one step (attention shard, router, expert group)."""
+    def run_step(self, message: Any) -> Any:
+        """The role's part of one step (attention shard, router, expert group), from its message
+        (`protocol.step.step_messages`)."""
 
     def where(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()

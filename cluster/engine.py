@@ -132,7 +132,7 @@ class LocalBackend:
         ):  # a decode step: at a fixed shape, replayed
             logits, counts = self.graphs.step(
                 [c.tokens[0] for c in batch.chunks], [c.start for c in batch.chunks],
-                [c.block_table for c in batch.chunks],
+                self.shard.block_tables(batch),
             )  # fmt: skip
             sampled = self.shard.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
         elif batch.chunks:
@@ -192,6 +192,8 @@ class Engine:
         self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, rebalance_interval_s)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
+        # Per shard, each sequence's block table as its shard has it: a chunk carries what changed.
+        self._sent: list[dict[str, list[int]]] = [{} for _ in range(backend.num_shards)]
         self.steps = 0
         self.profile = False  # when set, `step_records` gets one entry per step
         self.step_records: list[dict[str, float]] = []
@@ -305,7 +307,7 @@ class Engine:
             result = self.backend.execute(batches)
         except ShardsLost as lost:  # their workers were replaced: nothing of them survives but the requests
             for shard in lost.shards:
-                self._drops[shard], self._copies[shard] = [], []
+                self._drops[shard], self._copies[shard], self._sent[shard] = [], [], {}
                 self.scheduler.reset_shard(shard)
             logger.warning("attention shards %s were replaced; their sequences are recomputed", lost.shards)
             return []  # this step's other work runs again in the next one (nothing was advanced)
@@ -342,13 +344,17 @@ class Engine:
             request_id=c.seq.request_id,
             tokens=c.seq.tokens[c.start : c.end],
             start=c.start,
-            block_table=list(c.seq.block_table),
+            new_blocks=[],
             params=req.draw if draw else None,
             logprobs=req.params.logprobs,
             prompt_logprobs=req.params.prompt_logprobs if score else None,
             next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
             forks=list(forks),
         )
+        table, sent = c.seq.block_table, self._sent[c.seq.shard]
+        chunk.blocks_from = _unchanged(sent.get(c.seq.request_id, []), table)
+        chunk.new_blocks = table[chunk.blocks_from :]
+        sent[c.seq.request_id] = list(table)
         if draw:  # the draw's controls; forks draw their first token in the same state as choice 0
             params, output = req.params, choice.seq.output
             chunk.banned = list(params.bad_token_ids)
@@ -423,6 +429,7 @@ class Engine:
         seq = choice.seq
         if seq.shard >= 0:
             self._drops[seq.shard].append(seq.request_id)
+            self._sent[seq.shard].pop(seq.request_id, None)
         self.scheduler.finish(seq)
         del self._choices[seq.request_id]
         req.unfinished -= 1
@@ -450,3 +457,15 @@ class Engine:
 def _choice_id(request_id: str, index: int) -> str:
     """The sequence id of a request's choice `index` > 0 (choice 0's is the request's own)."""
     return f"{request_id}#choice{index}"
+
+
+def _unchanged(sent: list[int], table: list[int]) -> int:
+    """How many leading entries of `table` the shard already has (`sent`): all of them while the
+    table only grows, fewer where a window freed blocks or a preemption started it again."""
+    n = len(sent)
+    if len(table) >= n and table[:n] == sent:
+        return n
+    i, m = 0, min(n, len(table))
+    while i < m and sent[i] == table[i]:
+        i += 1
+    return i

@@ -3,8 +3,10 @@
 Shape legend: T = packed tokens of the shard's step, S = sequences, R = rows that need logits,
 V = vocab, K = alternatives reported per position.
 
-Every worker gets the same `StepPlan` (via the object store): one `ShardBatch` per attention
-shard, plain data and cheap to pickle; routers read the shards' sizes from it. `pack` turns a
+Each worker gets only its part of a step (`step_messages`): an attention shard its own
+`ShardBatch` (plain data, cheap to pickle), a router its shards' token counts, an expert group
+nothing; `python -m benchmarks.step_messages` measures what that saves over sending every worker
+every shard's batch. `pack` turns a
 shard's batch into the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each
 chunk that ends its sequence with the request's own generator, and scores the prompt tokens of
 chunks that ask for it. The single-process engine and the `AttentionShard` actor both use these,
@@ -19,6 +21,7 @@ bitmask the engine computed from its matcher, the banned ids, and for penalties 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from model.config import ModelConfig
 from model.kv_cache import CacheBatch, KVCache
 from model.sampling import SamplingParams, adjust, allowed_tokens, make_generator, sample
+from protocol.worker import WorkerSpec
 
 MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per position
 
@@ -43,7 +47,9 @@ class SeqChunk:
     request_id: str
     tokens: list[int]  # the chunk's token ids
     start: int  # position of tokens[0]
-    block_table: list[int]
+    # Its block table from entry `blocks_from` on (the shard keeps the entries before from earlier
+    # steps: `ShardRunner.begin`); the whole table the first time, then what changed.
+    new_blocks: list[int]
     params: SamplingParams | None  # set when the chunk ends the sequence: sample a token
     logprobs: int | None = None  # report each sampled token's logprob with this many alternatives
     prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
@@ -52,6 +58,7 @@ class SeqChunk:
     # The draw's controls (see `model.sampling.adjust`); the forks' first draws share them.
     allowed: bytes | None = None  # a grammar's allowed tokens: bitmask, 32 tokens per little-endian int32
     banned: list[int] = field(default_factory=list)  # ids never drawn (eos before min_tokens, ...)
+    blocks_from: int = 0
     output: list[int] | None = None  # the tokens generated so far, when penalties need them
     prompt_seen: list[int] | None = None  # the prompt's distinct ids, when the repetition penalty needs them
 
@@ -81,9 +88,22 @@ class ShardBatch:
         return sum(len(c.tokens) for c in self.chunks)
 
 
-@dataclass
-class StepPlan:
-    batches: list[ShardBatch]  # one per attention shard, empty ones included
+StepMessage = ShardBatch | list[int] | None  # one worker's part of a step (`step_messages`)
+
+
+def step_messages(batches: Sequence[ShardBatch], specs: Sequence[WorkerSpec]) -> list[StepMessage]:
+    """Each worker's part of one step, in `specs` order: an attention shard its own batch, a router
+    the token counts of its shards (in `WorkerSpec.shards` order: the rows it will receive), an
+    expert group nothing (its rows and their experts arrive over the data plane)."""
+    out: list[StepMessage] = []
+    for spec in specs:
+        if spec.role == "attention":
+            out.append(batches[spec.index])
+        elif spec.role == "router":
+            out.append([batches[a].num_tokens for a in spec.shards])
+        else:
+            out.append(None)
+    return out
 
 
 @dataclass
@@ -114,7 +134,8 @@ class Packed:
     spans: list[tuple[int, int]]  # per chunk, its rows' range in those R logits
 
 
-def pack(batch: ShardBatch, device: torch.device | str) -> Packed:
+def pack(batch: ShardBatch, block_tables: list[list[int]], device: torch.device | str) -> Packed:
+    """The batch's chunks as the model's tensors; `block_tables`: each chunk's whole table."""
     seq_lens = [len(c.tokens) for c in batch.chunks]
     tokens = [t for c in batch.chunks for t in c.tokens]
     positions = [c.start + i for c in batch.chunks for i in range(len(c.tokens))]
@@ -130,7 +151,7 @@ def pack(batch: ShardBatch, device: torch.device | str) -> Packed:
         torch.tensor(tokens, dtype=torch.long, device=device),
         torch.tensor(positions, dtype=torch.long),  # stays on the host: the attention plan is built there
         seq_lens,
-        [c.block_table for c in batch.chunks],
+        block_tables,
         torch.tensor(rows, dtype=torch.long, device=device),
         spans,
     )
@@ -240,22 +261,40 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Toke
 
 
 class ShardRunner:
-    """One attention shard across steps: the paged KV cache of its sequences and the sampler that
-    keeps their generators. A step is `begin` (forget finished sequences, copy forked choices'
-    last blocks before anything writes), then, if the shard has chunks, `pack`, the forward (in
-    this process, or with the MoE halves over the data plane) and `sampler.sample`."""
+    """One attention shard across steps: the paged KV cache of its sequences, their block tables
+    (kept here and updated by each chunk's `new_blocks`, so a step carries only what changed) and
+    the sampler that keeps their generators. A step is `begin` (forget finished sequences, copy
+    forked choices' last blocks before anything writes, update the tables), then, if the shard has
+    chunks, `pack`, the forward (in this process, or with the MoE halves over the data plane) and
+    `sampler.sample`."""
 
     def __init__(
         self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.cache = KVCache.allocate(config, num_blocks, block_size, dtype, device)
         self.sampler = Sampler()
+        self.tables: dict[str, list[int]] = {}  # by request id
 
     def begin(self, batch: ShardBatch) -> None:
         self.sampler.drop(batch.finished)
+        for request_id in batch.finished:
+            self.tables.pop(request_id, None)
         self.cache.copy_blocks(batch.copies)
+        for c in batch.chunks:
+            table = self.tables.setdefault(c.request_id, [])
+            if c.blocks_from > len(table):
+                raise ValueError(
+                    f"{c.request_id}: its block table changes from entry {c.blocks_from}, but this shard "
+                    f"holds {len(table)} entries of it"
+                )
+            del table[c.blocks_from :]
+            table.extend(c.new_blocks)
+
+    def block_tables(self, batch: ShardBatch) -> list[list[int]]:
+        """Each chunk's whole block table (after `begin`)."""
+        return [self.tables[c.request_id] for c in batch.chunks]
 
     def pack(self, batch: ShardBatch) -> tuple[Packed, CacheBatch]:
         """The batch's chunks as the model's tensors, and the cache seen through their block tables."""
-        p = pack(batch, self.cache.k.device)
+        p = pack(batch, self.block_tables(batch), self.cache.k.device)
         return p, CacheBatch(self.cache, p.block_tables)

@@ -4,8 +4,9 @@ Start-up, in phases, each with its own deadline and a timeout that names it and 
 placement (reserve the placement group), kernels (build the compiled CPU kernels once on each
 host that runs a worker, before any worker's deadline starts), loading (one actor per bundle,
 each reads only its own tensors), data plane (the `torch.distributed` group from rank 0's
-address, on the interface that carries each node's Ray IP). A step is one `step(plan)` call per
-worker; a worker that dies is replaced alone (`_recover`).
+address, on the interface that carries each node's Ray IP). A step is one `step` call per
+worker, each with its own part (`protocol.step.step_messages`); a worker that dies is replaced
+alone (`_recover`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import socket
 import statistics
 import time
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import torch
@@ -45,7 +46,7 @@ from cluster.placement import (
 )
 from protocol.expert_cost import ExpertCost
 from protocol.experts import Placement
-from protocol.step import ShardBatch, StepPlan
+from protocol.step import ShardBatch, StepMessage, step_messages
 from protocol.worker import Role, WorkerSetup
 
 ACTOR_CLASSES: dict[Role, type] = {"attention": AttentionShard, "router": Router, "experts": ExpertGroup}
@@ -339,9 +340,9 @@ class RayBackend:
         """One step on every worker. A worker that dies is replaced and the step run again (`_recover`):
         no request fails for a lost router or expert group. A lost attention shard's KV cache is gone
         with it: `ShardsLost` tells the engine to recompute its sequences."""
-        plan = ray.put(StepPlan(batches))
+        messages = step_messages(batches, self.specs)
         for _ in range(MAX_RECOVERIES + 1):
-            results, dead, errors = self._step_everywhere(plan)
+            results, dead, errors = self._step_everywhere(messages)
             if not dead and not errors:
                 return self._executed(results)
             if errors or not dead:  # a worker failed by itself, not for a lost peer: the copy cannot go on
@@ -366,30 +367,46 @@ class RayBackend:
         seconds = torch.stack([s for _, _, s in routed]).sum(0)
         return Executed(results[:a], counts, groups, seconds)
 
-    def _step_everywhere(self, plan: Any) -> tuple[list[Any], list[int], dict[str, BaseException]]:
+    def _step_everywhere(self, messages: list[StepMessage]) -> tuple[list[Any], list[int], dict[str, BaseException]]:
         """Run a step on every worker and wait for all of them (survivors of a dead worker fail fast:
         each tears its data plane down, so the peers blocked on it fail too; a silent peer fails them at
         the data plane's deadline). Returns each worker's result (None where it failed), the dead
         workers, and the failures that were not a dead peer.
 
         Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer. A worker still
-        silent then whose host has lost its Ray (`_host_gone`: a crash Ray has not yet noticed) is
+        silent then whose host has lost its Ray (`_host_state` "gone": a crash Ray has not yet noticed) is
         waited for up to `DEAD_VERDICT_S` more, until Ray calls it dead, then replaced. One whose host does not
         answer at all is on a host the engine cannot reach (partitioned, or powered off): its bundle
         cannot be moved while Ray holds the host alive, so the copy is given up at once
         (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not after
-        `step_timeout_s`."""
-        refs = [a.step.remote(plan) for a in self.actors]
+        `step_timeout_s`.
+
+        The workers' own deadline may not hold (one blocked on a link that drops its packets), so a
+        step still running `data_plane_timeout_s` + `UNREACHABLE_GRACE_S` after it began has its
+        silent workers' hosts probed (then every `UNREACHABLE_GRACE_S`): one that does not answer
+        gives the copy up then too."""
+        refs = [a.step.remote(m) for a, m in zip(self.actors, messages, strict=True)]
         outcome: dict[int, Any] = {}  # worker -> result, or the exception its step raised
         pending = list(refs)
         step_deadline = time.monotonic() + self.step_timeout_s
         deadline, awaiting_verdict = step_deadline, False
+        probe_at = time.monotonic() + self.setup.config.cluster.data_plane_timeout_s + UNREACHABLE_GRACE_S
+        unreachable: list[Any] = []
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            until = min(deadline, probe_at)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(until - time.monotonic(), 0.0))
+            if not ready and time.monotonic() < deadline:  # probe time: is each silent worker's host there?
+                known = ray.nodes()  # type: ignore[no-untyped-call]
+                states = {n: self._host_state(n, known) for n in {self.nodes[refs.index(r)] for r in pending}}
+                unreachable = [r for r in pending if states[self.nodes[refs.index(r)]] == "unreachable"]
+                if unreachable:
+                    break
+                probe_at = time.monotonic() + UNREACHABLE_GRACE_S
+                continue
             if not ready:
                 peer_failed = any(isinstance(o, RayError) for o in outcome.values())
                 known = ray.nodes() if peer_failed and not awaiting_verdict else []  # type: ignore[no-untyped-call]
-                if known and all(self._host_gone(self.nodes[refs.index(r)], known) for r in pending):
+                if known and all(self._host_state(self.nodes[refs.index(r)], known) == "gone" for r in pending):
                     # A crash: Ray calls the host dead within its health checks and fails these steps
                     # (on a loaded machine that can take longer than the grace); they are replaced then.
                     awaiting_verdict = True
@@ -407,6 +424,13 @@ class RayBackend:
             silent = [self.specs[refs.index(r)] for r in pending]
             self.shutdown()
             names = ", ".join(s.name for s in silent)
+            if unreachable:
+                lost = ", ".join(self.specs[refs.index(r)].name for r in unreachable)
+                ran_s = time.monotonic() - step_deadline + self.step_timeout_s
+                raise EngineError(
+                    f"the host of worker {lost} does not answer (partitioned or down) and the step has run "
+                    f"{ran_s:.0f} s: the copy is given up"
+                )
             if any(isinstance(o, RayError) for o in outcome.values()):
                 deadline_s = self.setup.config.cluster.data_plane_timeout_s
                 raise EngineError(
@@ -431,23 +455,23 @@ class RayBackend:
         return results, dead, errors
 
     @staticmethod
-    def _host_gone(node_id: str, known: list[dict[str, Any]]) -> bool:
-        """Whether the host of Ray node `node_id` (looked up in `known`, `ray.nodes()`) has lost its
-        Ray: Ray already calls it dead, or the host answers but its raylet's port refuses (its Ray
-        processes died; Ray's health checks will call it dead). A host that does not answer at all
-        (partitioned, powered off) is not known gone."""
+    def _host_state(node_id: str, known: list[dict[str, Any]]) -> Literal["up", "gone", "unreachable", "unknown"]:
+        """The host of Ray node `node_id` (looked up in `known`, `ray.nodes()`): "gone" when it has lost
+        its Ray (Ray already calls it dead, or the host answers but its raylet's port refuses: its Ray
+        processes died, and Ray's health checks will call it dead), "unreachable" when it does not
+        answer at all (partitioned, powered off), "up" when its raylet answers."""
         node = next((n for n in known if n["NodeID"] == node_id), None)
         if node is None:
-            return False
+            return "unknown"
         if not node["Alive"]:
-            return True
+            return "gone"
         try:
             with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=1.0):
-                return False
+                return "up"
         except ConnectionRefusedError:
-            return True
-        except OSError:  # timed out, no route: unreachable, not known gone
-            return False
+            return "gone"
+        except OSError:  # timed out, no route
+            return "unreachable"
 
     def _recover(self, dead: list[int]) -> None:
         """Replace the dead workers in their bundles (with the copy's current expert placement) and form

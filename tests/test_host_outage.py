@@ -1,21 +1,24 @@
-"""A model host lost with no room left for its workers (`tests/hosts.py` hosts): a head (ingress,
-proxy, the copy's engine) and two model hosts with two model slots each, the copy's four workers
-filling them. Whichever host holds `experts-0` is broken while plain, streamed and gRPC requests
-decode; its workers cannot be placed anywhere else.
+"""Model hosts lost under load (`tests/hosts.py` hosts): a head (ingress, proxy, the copy's engine)
+and three model hosts with two model slots each, the copy's four workers on them. Each time,
+whichever host holds `experts-0` is broken while plain, streamed and gRPC requests decode. One
+driver runs the three outages one after another on one serving app, each on the copy the one
+before left, so each finds less room:
 
-- It crashes (every process of its namespace killed): the in-flight requests end with 503 and
+- A host crashes (every process of its namespace killed) with slots left on the others: its
+  workers are replaced there, no request fails, every answer equals the fault-free one. The
+  crashed host stays down, so the copy now fills the two hosts left.
+- One of those crashes: nowhere to place its workers, so the in-flight requests end with 503 and
   Retry-After within `step_timeout_s`; when the host comes back (its `ray start` run again, as a
   supervisor would, once Ray has called it dead) a new copy serves, correctly, and nothing leaked.
-- It is partitioned (its link down for 30 s, then up): the copy notices by its data plane's deadline
-  (`cluster.data_plane_timeout_s`, 10 s, then 5 s of grace: within 15 s, not the step timeout), and
-  in-flight requests end 503. Once the link is back the host rejoins: by itself if Ray still holds
-  it alive; if Ray's health checks had called it dead meanwhile, its raylet exits on hearing so and
-  its supervisor starts Ray again (on a real machine systemd or the launcher; here the driver). A new
-  copy then serves at full size on both hosts. Requests sent meanwhile wait in Serve's queue
-  (bounded by serving.request_timeout_s) and are served then.
+- One is partitioned (its link down for 30 s, then up): the copy notices by its data plane's
+  deadline (`cluster.data_plane_timeout_s`, 10 s, then 5 s of grace: within 15 s, not the step
+  timeout), and in-flight requests end 503. Once the link is back the host rejoins: by itself if
+  Ray still holds it alive; if Ray's health checks had called it dead meanwhile, its raylet exits
+  on hearing so and its supervisor starts Ray again (on a real machine systemd or the launcher;
+  here the driver). A new copy then serves at full size on both hosts. Requests sent meanwhile
+  wait in Serve's queue (bounded by serving.request_timeout_s) and are served then.
 
-Both run in one driver on one serving app, the partition on the copy that came back after the
-crash. The figures go to the log (RELIABILITY.md)."""
+The stalls and times go to the log (RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -42,14 +45,14 @@ logger = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[Hosts]:
-    with Hosts(3) as hs:
-        hs.start_ray([4, 0, 0], [None, SLOTS, SLOTS], system_config=FAST_FAILURE)
+    with Hosts(4) as hs:
+        hs.start_ray([4, 0, 0, 0], [None, SLOTS, SLOTS, SLOTS], system_config=FAST_FAILURE)
         yield hs
 
 
 @pytest.fixture(scope="module")
 def reports(hosts: Hosts, checkpoint_factory: Any) -> dict[str, dict[str, Any]]:
-    """Both outages, one after the other, on one serving app (the partition on the copy that came back)."""
+    """The three outages, one after the other, on one serving app."""
     ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
     model_hosts = {
         h.ip: {
@@ -60,13 +63,30 @@ def reports(hosts: Hosts, checkpoint_factory: Any) -> dict[str, dict[str, Any]]:
         }
         for h in hosts.hosts[1:]
     }
-    argv = [sys.executable, "-m", "tests.host_faults", "--scenario", "crash-no-room", "partition", "--address",
+    argv = [sys.executable, "-m", "tests.host_faults", "--scenario", "crash", "crash-no-room", "partition", "--address",
             hosts.head_address, "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts),
             "--step-timeout-s", str(STEP_TIMEOUT_S)]  # fmt: skip
     r = hosts.run(hosts.hosts[0], argv, timeout_s=720, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     found: dict[str, dict[str, Any]] = json.loads(r.stdout.strip().splitlines()[-1])
     return found
+
+
+def test_a_crashed_host_is_replaced_on_the_others_and_no_request_fails(reports: dict[str, dict[str, Any]]) -> None:
+    report = reports["crash"]
+    assert report["killed_processes"] > 0 and report["lost"], report
+    assert report["in_flight"] > 0 and len(report["kinds_in_flight"]) >= 2, report
+    brief = {k: report[k] for k in ("victim", "lost", "in_flight_outcomes", "recoveries", "serving_again_s")}
+    brief |= {"failed": len(report["failed"]), "first_ends": report["in_flight_ends"][:4]}
+    assert report["failed"] == [] and report["wrong"] == 0, brief  # the whole report is too long to read
+    assert sorted(report["after"]) == sorted(report["before"])
+    assert report["victim"] not in report["after"].values(), report  # replaced on the hosts left
+    assert report["census_after"] == report["census_before"], "actors or placement groups leaked"
+    logger.info(
+        "host %s crashed (%s): %d requests in flight, 0 failed; longest stall %.2f s; recovered in %s s",
+        report["victim"], ", ".join(report["lost"]), report["in_flight"], report["stall_s"],
+        [round(x["seconds"], 1) for x in report["recoveries"]],
+    )  # fmt: skip
 
 
 def _check(report: dict[str, Any]) -> None:

@@ -117,9 +117,6 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def holders(self, block: int) -> int:
-        return self._holders.get(block, 0)
-
 
 def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
     """How many blocks of `block_size` tokens a shard's KV memory budget holds (all layers, k and v)."""

@@ -176,7 +176,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
-        self.max_model_len = settings.max_model_len or config.max_position_embeddings
+        self.max_model_len = settings.context_length(config)
         self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_model_len)
         self.scheduler = Scheduler(
             backend.num_shards,

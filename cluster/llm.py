@@ -244,7 +244,7 @@ class LLM:
                 # steps are recorded as CUDA graphs
                 graphs, weight = None, model.embed_tokens.weight
                 if isinstance(model.kernels, CudaKernels) and CudaKernels.sync_free(weight.device, weight.dtype):
-                    graphs = (eng.max_model_len or self.model_config.max_position_embeddings, eng.max_seqs)
+                    graphs = (eng.context_length(self.model_config), eng.max_seqs)
                 local = LocalBackend(model, blocks, eng.block_size, decode_graphs=graphs)
                 return Engine(local, self.model_config, self.tokenizer, eng, blocks)
             interval = config.cluster.rebalance_interval_s

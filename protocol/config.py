@@ -106,6 +106,10 @@ class EngineSection(Section):
     prefix_caching: bool = True  # full KV blocks keyed by their prefix, reused by later requests
     max_n: int = Field(default=16, ge=1)  # choices a request may ask for
 
+    def context_length(self, model: ModelConfig) -> int:
+        """The longest sequence (prompt + output) the engine runs: `max_model_len`, else the model's."""
+        return self.max_model_len or model.max_position_embeddings
+
 
 class LLMConfig(Section):
     model: ModelSection

@@ -2,7 +2,7 @@
 
 `AttentionShard` x A (embeddings, attention, KV cache, lm_head, sampling), `Router` x R (gates,
 all-to-all dispatch), `ExpertGroup` x G (a subset of the experts). See ../shared/DESIGN.md.
-Each is a plain class; `cluster.workers` wraps it with `ray.remote` and places it.
+Each is a plain class; `cluster.backend.ray_backend` wraps it with `ray.remote` and places it.
 """
 
 from actors.attention_shard import AttentionShard

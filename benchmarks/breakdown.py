@@ -27,7 +27,7 @@ import torch
 
 from actors.data_plane import DataPlane
 from actors.worker import free_address
-from cluster.placement import Layout, worker_specs
+from cluster.backend.placement import Layout, worker_specs
 from model.config import ModelConfig
 from protocol.config import Transport
 

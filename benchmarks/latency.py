@@ -21,9 +21,9 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions
 
-from cluster.placement import Layout
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
+from cluster.backend.placement import Layout
+from cluster.serving.app import build_app
+from cluster.serving.config import ServeConfig
 
 MODEL = "bench"
 

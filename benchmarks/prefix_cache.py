@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from benchmarks.workload import mixed_prompts
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 from model.config import ModelConfig
 
 

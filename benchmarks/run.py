@@ -26,8 +26,8 @@ import torch
 from benchmarks import breakdown, latency, prefix_cache, report, roofline, skewed, structured, throughput
 from benchmarks.args import FULL, QUICK, bench_parser
 from benchmarks.workload import ensure_checkpoint, mixed_prompts
+from cluster.backend.placement import Layout
 from cluster.llm import LLM
-from cluster.placement import Layout
 from model.config import ModelConfig, torch_dtype
 from protocol.config import Transport
 

@@ -29,9 +29,9 @@ from ray._private import state as ray_state
 from benchmarks.args import soak_parser
 from benchmarks.latency import MODEL, start_server, stop_server
 from benchmarks.workload import ensure_checkpoint
+from cluster.backend.placement import Layout
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.placement import Layout
-from cluster.request import SamplingParams
 
 logger = logging.getLogger("mixtral_cluster.soak")
 PROBES = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.placement import Layout, worker_specs
+from cluster.backend.placement import Layout, worker_specs
 from model.config import ModelConfig
 from model.sampling import SamplingParams
 from protocol.step import SeqChunk, ShardBatch, step_messages

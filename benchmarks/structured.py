@@ -14,9 +14,9 @@ import statistics
 import time
 from typing import Any
 
+from cluster.engine.request import SamplingParams
+from cluster.engine.structured import StructuredOutput
 from cluster.llm import LLM
-from cluster.request import SamplingParams
-from cluster.structured import StructuredOutput
 
 MIN_ITEMS = 40
 SCHEMA: dict[str, Any] = {

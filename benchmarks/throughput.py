@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

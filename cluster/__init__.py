@@ -3,8 +3,8 @@ placement, the Ray backend that starts and steps the worker actors, the Serve ap
 `LLMServer`), gRPC and the `mixtral-cluster` CLI. See ../shared/DESIGN.md.
 """
 
-from cluster.engine import EngineError
+from cluster.engine.core import EngineError
+from cluster.engine.request import RequestOutput, SamplingParams
 from cluster.llm import LLM
-from cluster.request import RequestOutput, SamplingParams
 
 __all__ = ["LLM", "EngineError", "RequestOutput", "SamplingParams"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.args import BENCH_DESCRIPTION, SOAK_DESCRIPTION, bench_parser, soak_parser
-from cluster.placement import (
+from cluster.backend.placement import (
     Layout,
     PlacementError,
     Slot,
@@ -33,7 +33,7 @@ from cluster.placement import (
     worker_resources,
     worker_specs,
 )
-from cluster.serve_config import ServeConfig
+from cluster.serving.config import ServeConfig
 from model.checkpoint import write_random_checkpoint
 from model.config import DTYPES, ModelConfig, preset_names, torch_dtype
 
@@ -75,14 +75,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.serve import build_app
+    from cluster.serving.app import build_app
 
     cfg = _load(args.config)
     ensure_checkpoint(cfg)
     srv = cfg.serving
     bundles = cfg.replica_bundles(cfg.model_shape().num_experts)
     if args.address:
-        from cluster.workers import connect_ray
+        from cluster.backend.ray_backend import connect_ray
 
         connect_ray(args.address)  # RayRefused (a ConnectionError) names the token fix
     else:  # local mode: logical CPU slots for every replica's bundles, the ingress and the proxies
@@ -119,8 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.engine.request import SamplingParams
     from cluster.llm import LLM
-    from cluster.request import SamplingParams
 
     cfg = _load(args.config)
     ensure_checkpoint(cfg)

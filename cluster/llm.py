@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from cluster.block_pool import blocks_for_budget
-from cluster.engine import Backend, Engine, EngineError, LocalBackend
-from cluster.placement import Layout, worker_setup
-from cluster.request import RequestError, RequestFailed, RequestOutput, SamplingParams
-from cluster.structured import Grammar, GrammarError, Grammars
+from cluster.backend.placement import Layout, worker_setup
+from cluster.engine.block_pool import blocks_for_budget
+from cluster.engine.core import Backend, Engine, EngineError, LocalBackend
+from cluster.engine.request import RequestError, RequestFailed, RequestOutput, SamplingParams
+from cluster.engine.structured import Grammar, GrammarError, Grammars
 from model.config import ModelConfig
 from model.kernels import CudaKernels
 from model.loader import load_model
@@ -228,7 +228,7 @@ class LLM:
         self.layout = Layout.of(config.cluster)
         backend: Backend | None = None
         if not config.cluster.single_process:
-            from cluster.workers import RayBackend  # Ray is only needed for the distributed path
+            from cluster.backend.ray_backend import RayBackend  # Ray is only needed for the distributed path
 
             setup = worker_setup(config, self.model_config, blocks)
             backend = RayBackend(setup, ray_address, placement, bundle_offset)

@@ -1,6 +1,6 @@
 """The config of one model copy: which model, how it is split, how the engine behaves.
 
-`LLMConfig` is built once (from a YAML file through `cluster.serve_config.ServeConfig`, which
+`LLMConfig` is built once (from a YAML file through `cluster.serving.config.ServeConfig`, which
 adds the `serving` section, or from keywords for the Python API) and handed down whole: the
 engine reads `engine`, the placement `cluster`, and every worker gets the same object inside
 its `WorkerSetup`. No key is copied onto another signature by hand.

@@ -1,6 +1,6 @@
 """What a worker is: its place in the copy (`WorkerSpec`) and what it is built from (`WorkerSetup`).
 
-The engine side computes both (`cluster.placement` and `cluster.workers`); every worker actor
+The engine side computes both (`cluster.backend.placement` and `cluster.backend.ray_backend`); every worker actor
 takes exactly `(spec, setup)`, so a new config key reaches the workers without touching a
 constructor signature.
 """

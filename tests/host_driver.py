@@ -10,8 +10,8 @@ import json
 import logging
 import sys
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:

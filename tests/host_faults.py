@@ -28,9 +28,9 @@ from typing import Any
 import ray
 from ray import serve
 
+from cluster.backend.ray_backend import connect_ray
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
-from cluster.workers import connect_ray
 from tests.hosts import kill_namespace, namespace_pids
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 

@@ -21,8 +21,8 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
+from cluster.serving.app import build_app
+from cluster.serving.config import ServeConfig
 from tests.helpers import local_ray
 
 MODEL = "mixtral-tiny"

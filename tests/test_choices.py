@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from cluster.engine.request import RequestError, SamplingParams
 from cluster.llm import LLM
-from cluster.request import RequestError, SamplingParams
 from tests.helpers import ENGINE_CONFIG, idle, random_prompts
 
 pytestmark = pytest.mark.unit

@@ -36,10 +36,10 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import BaseModel, Field
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.request import SamplingParams
 from model import ModelConfig
 from model.tokenizer import DEFAULT_TOKENIZER
 from tests.helpers import readme_blocks, run_example

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.engine import EngineError
+from cluster.backend.placement import param_bytes
+from cluster.engine.core import EngineError
+from cluster.engine.request import RequestFailed, SamplingParams
 from cluster.llm import LLM
-from cluster.placement import param_bytes
-from cluster.request import RequestFailed, SamplingParams
 from tests.helpers import (
     ENGINE_CONFIG,
     idle,
@@ -192,7 +192,7 @@ def _capture(errors: list[BaseException], fn) -> None:
 
 
 def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
-    from cluster.placement import PlacementError
+    from cluster.backend.placement import PlacementError
 
     with pytest.raises(PlacementError, match=r"attention-0 needs 0\.0 GB of weights at 4 bytes per parameter"):
         LLM(ckpt, expert_groups=1, device="cuda", gpu_memory_gb=0.0001)
@@ -200,7 +200,7 @@ def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
 
 
 def test_nccl_ranks_sharing_a_gpu_are_refused_before_any_actor_starts(ckpt) -> None:
-    from cluster.placement import PlacementError
+    from cluster.backend.placement import PlacementError
 
     groups = len(ray.util.placement_group_table())
     with pytest.raises(PlacementError, match=r"use cluster\.transport: gloo"):

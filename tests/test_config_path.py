@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import ray
 
-from cluster.block_pool import blocks_for_budget
 from cluster.cli import plan_rows, serve_options
-from cluster.ingress import Ingress
+from cluster.engine.block_pool import blocks_for_budget
+from cluster.engine.request import RequestError, SamplingParams
 from cluster.llm import LLM
-from cluster.llm_server import LLMServer
-from cluster.request import RequestError, SamplingParams
-from cluster.serve import build_app
-from cluster.serve_config import ServeConfig
+from cluster.serving.app import build_app
+from cluster.serving.config import ServeConfig
+from cluster.serving.ingress import Ingress
+from cluster.serving.llm_server import LLMServer
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from protocol.config import section_of

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.engine import Engine, LocalBackend
-from cluster.request import SamplingParams
+from cluster.engine.core import Engine, LocalBackend
+from cluster.engine.request import SamplingParams
 from model.decode_graphs import DecodeGraphs
 from model.kernels import CudaKernels, TorchKernels
 from model.kv_cache import CacheBatch, KVCache

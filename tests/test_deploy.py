@@ -15,7 +15,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.serve_config import ServeConfig
+from cluster.serving.config import ServeConfig
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +51,7 @@ def test_serve_configs_validate_and_name_a_loadable_app_config(path: Path) -> No
         "cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
     ]
     (app,) = schema.applications
-    assert app.import_path == "cluster.serve:app_builder"
+    assert app.import_path == "cluster.serving.app:app_builder"
     cfg = ServeConfig.load(app.args["config"])  # a packaged config name
     assert cfg.serving.http_port == schema.http_options.port
     assert cfg.serving.grpc_port == schema.grpc_options.port

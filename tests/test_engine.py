@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 from model import load_model
 from tests.helpers import ENGINE_CONFIG, idle, random_prompts, reference_greedy, staggered_streams
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from cluster.placement import initial_placement, plan_placement, predict_steps
+from cluster.backend.placement import initial_placement, plan_placement, predict_steps
 from protocol.expert_cost import ROW_UNITS, TOKENS, ExpertCost, layer_seconds, split_pairs
 
 pytestmark = pytest.mark.unit

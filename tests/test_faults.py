@@ -24,9 +24,9 @@ import jsonschema
 import pytest
 from ray import serve
 
-from cluster.ingress import HEALTH_TIMEOUT_S
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
+from cluster.serving.ingress import HEALTH_TIMEOUT_S
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import MODEL, PROMPT, Load, census, serving, wait_until_serving
 

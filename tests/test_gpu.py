@@ -28,8 +28,8 @@ import torch
 from ray import serve
 from transformers import MixtralForCausalLM
 
+from cluster.engine.request import RequestFailed, SamplingParams
 from cluster.llm import LLM
-from cluster.request import RequestFailed, SamplingParams
 from model import generate, load_model
 from tests.helpers import ENGINE_CONFIG, grid_config, poisoned_copy, random_prompts
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving

@@ -1,4 +1,5 @@
-"""The packages import one way, down: cluster -> actors -> protocol -> model (DESIGN.md, Layers).
+"""The packages import one way, down: cluster -> actors -> protocol -> model, and within cluster/
+its tiers too: cli -> serving -> llm -> backend -> engine (DESIGN.md, Layers).
 
 Read from the source with `ast`, so a stray import fails here rather than in a review."""
 
@@ -45,6 +46,46 @@ def test_imports_point_down(package: str) -> None:
         if bad:
             wrong[name] = sorted(bad)
     assert not wrong, f"imports against the layering: {wrong}"
+
+
+# cluster/'s tiers, bottom up: each may import the ones before it (and cluster.proto), never those after.
+TIERS = ["engine", "backend", "llm", "serving", "cli"]
+
+
+def cluster_tiers(path: Path) -> set[str]:
+    """The cluster tiers a module imports (`cluster.engine.core` -> engine, `cluster.llm` -> llm)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        out |= {n.split(".")[1] for n in names if n.startswith("cluster.") and n.count(".") >= 1}
+    return out & set(TIERS)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_cluster_tiers_import_down(tier: str) -> None:
+    paths = [ROOT / "cluster" / f"{tier}.py"] if (ROOT / "cluster" / f"{tier}.py").is_file() else []
+    paths += sorted((ROOT / "cluster" / tier).rglob("*.py")) if (ROOT / "cluster" / tier).is_dir() else []
+    assert paths, f"cluster tier {tier} has no modules"
+    above = set(TIERS[TIERS.index(tier) + 1 :])
+    wrong = {str(p.relative_to(ROOT)): sorted(cluster_tiers(p) & above) for p in paths}
+    wrong = {name: tiers for name, tiers in wrong.items() if tiers}
+    assert not wrong, f"imports against the tiers: {wrong}"
+
+
+def test_the_cluster_package_is_only_its_tiers() -> None:
+    loose = {p.stem for p in (ROOT / "cluster").glob("*.py")} - {"__init__", "llm", "cli"}
+    assert not loose, f"modules outside cluster/'s tiers: {sorted(loose)}"
+
+
+def test_the_engine_tier_knows_no_ray() -> None:
+    uses_ray = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "cluster" / "engine").rglob("*.py"))
+                if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "ray" in {
+                    *(a.name.split(".")[0] for a in getattr(n, "names", []) if isinstance(n, ast.Import)),
+                    *((n.module or "").split(".")[:1] if isinstance(n, ast.ImportFrom) else [])}
+                    for n in ast.walk(ast.parse(p.read_text())))]  # fmt: skip
+    assert not uses_ray, f"the engine tier imports Ray: {uses_ray}"
 
 
 def test_the_cli_imports_only_the_benchmark_options_at_start() -> None:

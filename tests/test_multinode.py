@@ -11,9 +11,9 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
+from cluster.backend.placement import PlacementError
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.placement import PlacementError
-from cluster.request import SamplingParams
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.ray

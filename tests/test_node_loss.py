@@ -19,8 +19,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
 

@@ -147,8 +147,8 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         logging.getLogger(__name__).info("ray down: every host empty %.0f s later", time.monotonic() - downed)
         assert not left, f"processes left behind after ray down: {left}"
 
+    from cluster.engine.request import SamplingParams
     from cluster.llm import LLM
-    from cluster.request import SamplingParams
 
     with LLM(ckpt, single_process=True) as reference:
         out = reference.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))

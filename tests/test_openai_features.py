@@ -24,10 +24,10 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.request import SamplingParams
 from model import ModelConfig
 from tests.serve_helpers import MODEL, serving
 

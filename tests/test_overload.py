@@ -18,8 +18,8 @@ import httpx
 import pytest
 from ray import serve
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import serving
 

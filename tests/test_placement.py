@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.placement import (
+from cluster.backend.placement import (
     Layout,
     PlacementError,
     assign_slots,
@@ -14,7 +14,6 @@ from cluster.placement import (
     check_resources,
     check_transport,
     expert_map,
-    imbalance,
     initial_placement,
     param_bytes,
     place_experts,
@@ -23,6 +22,7 @@ from cluster.placement import (
     worker_resources,
     worker_specs,
 )
+from cluster.engine.expert_balancer import imbalance
 from model import ModelConfig, weight_names
 from protocol.config import ClusterSection
 from protocol.expert_cost import split_pairs as split_tokens

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from cluster.block_pool import BlockPool, block_key
+from cluster.engine.block_pool import BlockPool, block_key
+from cluster.engine.request import SamplingParams
+from cluster.engine.scheduler import Scheduler
 from cluster.llm import LLM
-from cluster.request import SamplingParams
-from cluster.scheduler import Scheduler
 from tests.helpers import ENGINE_CONFIG, random_prompts
 
 pytestmark = pytest.mark.ray

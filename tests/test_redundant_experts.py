@@ -18,9 +18,9 @@ import torch
 from transformers import MixtralForCausalLM
 
 from benchmarks.workload import skewed_copy
-from cluster.engine import RebalanceUnavailable
+from cluster.engine.core import RebalanceUnavailable
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.request import SamplingParams
 from model import ModelConfig
 from tests.helpers import local_ray, random_prompts
 

@@ -23,11 +23,11 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from cluster.engine.request import RequestError, SamplingParams
+from cluster.engine.structured import StructuredOutput
 from cluster.llm import LLM
-from cluster.request import RequestError, SamplingParams
-from cluster.serve_config import ServeConfig
-from cluster.serve_messages import Failure, GenerateCall
-from cluster.structured import StructuredOutput
+from cluster.serving.config import ServeConfig
+from cluster.serving.messages import Failure, GenerateCall
 from model import ModelConfig
 from model.sampling import adjust
 from tests.helpers import local_ray, random_prompts
@@ -185,8 +185,8 @@ def test_a_grammar_that_does_not_compile_is_refused_naming_its_field(llm: LLM) -
 
 def test_tools_on_a_v1_model_are_refused(checkpoint_factory: Any) -> None:
     """Mixtral 8x7B Instruct's v1 format has no tool tokens: `tools` is a 400 that says so."""
-    from cluster.llm_server import LLMServer
-    from cluster.openai_protocol import ChatMessage, Tool
+    from cluster.serving.llm_server import LLMServer
+    from cluster.serving.openai_protocol import ChatMessage, Tool
 
     v1 = checkpoint_factory(TINY.model_copy(update={"vocab_size": 32000}), seed=1)
     cfg = ServeConfig.model_validate({"model": {"checkpoint": str(v1)}, "cluster": {"single_process": True}})

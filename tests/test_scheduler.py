@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.scheduler import Scheduler, Status
+from cluster.engine.scheduler import Scheduler, Status
 from model.kv_cache import FREED
 
 pytestmark = pytest.mark.unit

@@ -15,11 +15,11 @@ import pytest
 import ray
 from ray import serve
 
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.request import SamplingParams
-from cluster.serve_config import ServeConfig
+from cluster.serving.config import ServeConfig
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import serving
 

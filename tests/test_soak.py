@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.soak import soak
-from cluster.placement import Layout
+from cluster.backend.placement import Layout
 from tests.helpers import ENGINE_CONFIG
 
 pytestmark = pytest.mark.serve

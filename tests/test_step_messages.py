@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from benchmarks import step_messages as bench
-from cluster.engine import Engine, LocalBackend
+from cluster.backend.placement import Layout, worker_specs
+from cluster.engine.core import Engine, LocalBackend
+from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.placement import Layout, worker_specs
-from cluster.request import SamplingParams
 from model.config import ModelConfig
 from protocol.step import SeqChunk, ShardBatch, ShardRunner, step_messages
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy

@@ -15,10 +15,10 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from cluster.engine.request import RequestError, SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from cluster.request import RequestError, SamplingParams
 from model.tokenizer import SHIPPED_BY_VOCAB
 from tests.helpers import grid_config, reference_greedy
 from tests.serve_helpers import MODEL, serving

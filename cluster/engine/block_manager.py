@@ -11,8 +11,8 @@ last one (`fork`).
 
 from __future__ import annotations
 
-from cluster.block_pool import BlockKey, BlockPool, block_key, blocks_needed
-from cluster.sequence import Sequence
+from cluster.engine.block_pool import BlockKey, BlockPool, block_key, blocks_needed
+from cluster.engine.sequence import Sequence
 from model.attention_plan import first_visible
 from model.kv_cache import FREED
 

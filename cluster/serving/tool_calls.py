@@ -19,10 +19,10 @@ import string
 from mistral_common.protocol.instruct.tool_calls import FunctionCall
 from pydantic import ValidationError
 
-from cluster.openai_protocol import NamedToolChoice, Tool, ToolChoice
-from cluster.request import RequestError, SamplingParams
-from cluster.serve_messages import ToolCallOut, Update
-from cluster.structured import StructuredOutput, tool_call_grammar
+from cluster.engine.request import RequestError, SamplingParams
+from cluster.engine.structured import StructuredOutput, tool_call_grammar
+from cluster.serving.messages import ToolCallOut, Update
+from cluster.serving.openai_protocol import NamedToolChoice, Tool, ToolChoice
 
 _ID_CHARS = string.ascii_letters + string.digits
 ID_LENGTH = 9  # the Mistral format's tool-call ids: 9 alphanumerics

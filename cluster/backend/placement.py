@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.engine.expert_balancer import RecordedStep, layer_imbalance
 from model.checkpoint import expected_shape
 from model.config import ModelConfig
 from protocol.config import ClusterSection, LLMConfig, Strategy
@@ -137,12 +138,6 @@ def _keep_slots(old: Sequence[int], new: list[int]) -> list[int]:
     return [e if e is not None else next(arriving) for e in kept]
 
 
-def imbalance(group_tokens: Sequence[float]) -> float:
-    """The heaviest group's tokens over the mean over groups (1.0: even; G: one group has all)."""
-    mean = sum(group_tokens) / len(group_tokens)
-    return max(group_tokens) / mean if mean > 0 else 1.0
-
-
 def shard_routers(num_shards: int, num_routers: int) -> list[int]:
     """Router index of each attention shard: shard a -> router a % R."""
     if not 1 <= num_routers <= num_shards:
@@ -187,13 +182,6 @@ def worker_setup(config: LLMConfig, model: ModelConfig, num_blocks: int) -> Work
     routers = tuple(s.rank for s in specs if s.role == "router")
     groups = tuple(s.experts for s in specs if s.role == "experts")
     return WorkerSetup(config, model, num_blocks, routers, tuple(groups for _ in range(model.num_layers)))
-
-
-def layer_imbalance(group_tokens: Sequence[Sequence[float]]) -> float:
-    """The mean over layers (those with tokens) of each layer's `imbalance`: each layer waits for
-    its heaviest group, so that is what a step pays."""
-    rows = [imbalance(row) for row in group_tokens if sum(row) > 0]
-    return sum(rows) / len(rows) if rows else 1.0
 
 
 def param_bytes(config: ModelConfig, spec: WorkerSpec, dtype_bytes: int) -> int:
@@ -345,8 +333,6 @@ def _whole_gpus(num_workers: int, gpus_per_node: int, strategy: Strategy, num_no
 
 
 # ---- what a placement costs: the recorded steps replayed under the cost model ------------------
-
-RecordedStep = tuple[str, list[list[int]]]  # (phase, [layer][expert] -> pairs) of one step
 
 
 def predict_steps(

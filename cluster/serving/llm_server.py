@@ -3,7 +3,7 @@
 Its workers run in the replica's placement group (bundle 0 is the replica itself, then one per
 worker; `ServeConfig.replica_bundles`), so Serve's autoscaling adds whole copies. It owns the
 `LLM` (engine, tokenizer, workers), admits requests against the copy's KV budget, and answers
-the ingress with the typed messages of `cluster/serve_messages.py`.
+the ingress with the typed messages of `cluster/serving/messages.py`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine import EngineError, RebalanceUnavailable
+from cluster.engine.core import EngineError, RebalanceUnavailable
+from cluster.engine.request import RequestError, RequestFailed, RequestOutput, check_token_ids
 from cluster.llm import LLM
-from cluster.openai_protocol import APIError
-from cluster.request import RequestError, RequestFailed, RequestOutput, check_token_ids
-from cluster.serve_config import ServeConfig
-from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
-from cluster.tool_calls import ToolCallReader, constrain
+from cluster.serving.config import ServeConfig
+from cluster.serving.messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.serving.openai_protocol import APIError
+from cluster.serving.tool_calls import ToolCallReader, constrain
 from protocol.step import TokenLogprobs
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from cluster.openai_protocol import APIError, ChatMessage, Tool, ToolChoice
-from cluster.request import SamplingParams
+from cluster.engine.request import SamplingParams
+from cluster.serving.openai_protocol import APIError, ChatMessage, Tool, ToolChoice
 
 
 class _Message(BaseModel):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, model_validator
 
-from cluster.placement import Layout, bundles, worker_resources, worker_specs
+from cluster.backend.placement import Layout, bundles, worker_resources, worker_specs
 from protocol.config import LLMConfig, Section
 
 

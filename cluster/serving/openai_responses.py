@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.serve_messages import Logprob, ToolCallOut, Update
+from cluster.serving.messages import Logprob, ToolCallOut, Update
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cluster.structured import StructuredOutput
+from cluster.engine.structured import StructuredOutput
 from model.sampling import SamplingParams as ModelSamplingParams
 from protocol.step import MAX_TOP_LOGPROBS, TokenLogprobs
 

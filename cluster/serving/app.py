@@ -3,8 +3,8 @@
     app = build_app(ServeConfig.load("configs/tiny.yaml"))
     serve.run(app)
 
-Two deployments: `Ingress` (`cluster/ingress.py`: routes, validation, API key, SSE, gRPC) and
-`LLMServer` (`cluster/llm_server.py`: one replica = one model copy, autoscaled by whole copies).
+Two deployments: `Ingress` (`cluster/serving/ingress.py`: routes, validation, API key, SSE, gRPC) and
+`LLMServer` (`cluster/serving/llm_server.py`: one replica = one model copy, autoscaled by whole copies).
 Everything about them is derived from the config here.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 from ray import serve
 
-from cluster.ingress import Ingress
-from cluster.llm_server import LLMServer
-from cluster.placement import worker_resources
-from cluster.serve_config import ServeConfig
+from cluster.backend.placement import worker_resources
+from cluster.serving.config import ServeConfig
+from cluster.serving.ingress import Ingress
+from cluster.serving.llm_server import LLMServer
 
 HEALTH_CHECK_TIMEOUT_S = 60
 
@@ -52,5 +52,5 @@ def build_app(config: ServeConfig) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """For Serve config files: `import_path: cluster.serve:app_builder`, `args: {config: path}`."""
+    """For Serve config files: `import_path: cluster.serving.app:app_builder`, `args: {config: path}`."""
     return build_app(ServeConfig.load(args["config"]))

@@ -1,7 +1,7 @@
 """The Serve ingress: OpenAI-compatible HTTP routes and the gRPC methods of `inference.proto`.
 
 Routes: `/v1/completions`, `/v1/chat/completions` (JSON and SSE), `/v1/models`, `/health`,
-`/metrics`. It parses and validates request bodies (`cluster/openai_protocol.py`), enforces the
+`/metrics`. It parses and validates request bodies (`cluster/serving/openai_protocol.py`), enforces the
 API key and the body size, sends each request to a model copy as a `GenerateCall`, turns the
 copy's answers into OpenAI JSON, SSE or gRPC messages, and cancels the copy's work when a
 client goes away. Serve builds its FastAPI app per replica from the config it was given
@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from cluster.metrics import Metrics
-from cluster.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
-from cluster.openai_responses import Choice, Reply, usage
 from cluster.proto import inference_pb2
-from cluster.serve_config import ServeConfig
-from cluster.serve_messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.serving.config import ServeConfig
+from cluster.serving.messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.serving.metrics import Metrics
+from cluster.serving.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from cluster.serving.openai_responses import Choice, Reply, usage
 
 logger = logging.getLogger(__name__)
 pb: Any = inference_pb2  # generated module: its message classes are made at import time

@@ -6,11 +6,11 @@ allow. Every sequence lives on one attention shard and uses that shard's blocks.
 runs out, the newest sequence on it is preempted: its blocks are freed and it is recomputed
 (prompt + tokens so far) when it is admitted again; it never corrupts or crashes another
 sequence. With a sliding window, blocks wholly outside the window of a sequence's next query are
-freed as it advances. Which blocks a sequence holds is `cluster.block_manager.BlockManager`'s
+freed as it advances. Which blocks a sequence holds is `cluster.engine.block_manager.BlockManager`'s
 business; this decides which sequences run and when they wait.
 
 Prefix caching: a sequence's full blocks are keyed by their tokens and everything before them
-(`cluster.block_pool.block_key`) as they fill. At admission a sequence takes the cached blocks of
+(`cluster.engine.block_pool.block_key`) as they fill. At admission a sequence takes the cached blocks of
 its longest cached prefix instead of recomputing them, on the shard that holds the most of it
 among those with room (otherwise the one with the most free blocks). It always computes at least
 its last token, so the step has logits to sample from and shared blocks are never written.
@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from cluster.block_manager import BlockManager
-from cluster.sequence import Sequence, Status
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.sequence import Sequence, Status
 
 logger = logging.getLogger(__name__)
 

@@ -13,16 +13,30 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 
-from cluster.placement import RecordedStep, layer_imbalance
 from protocol.expert_cost import ExpertCost
 
 logger = logging.getLogger(__name__)
 
 RECORDED_STEPS = 256  # the last steps' expert counts kept for the planner (`RecordedStep`)
+RecordedStep = tuple[str, list[list[int]]]  # (phase, [layer][expert] -> pairs) of one step
+
+
+def imbalance(group_tokens: Sequence[float]) -> float:
+    """The heaviest group's tokens over the mean over groups (1.0: even; G: one group has all)."""
+    mean = sum(group_tokens) / len(group_tokens)
+    return max(group_tokens) / mean if mean > 0 else 1.0
+
+
+def layer_imbalance(group_tokens: Sequence[Sequence[float]]) -> float:
+    """The mean over layers (those with tokens) of each layer's `imbalance`: each layer waits for
+    its heaviest group, so that is what a step pays."""
+    rows = [imbalance(row) for row in group_tokens if sum(row) > 0]
+    return sum(rows) / len(rows) if rows else 1.0
 
 
 class Placer(Protocol):

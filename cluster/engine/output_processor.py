@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.request import FinishReason, RequestFailed, RequestOutput, SamplingParams
-from cluster.sequence import Sequence as SchedSeq
-from cluster.structured import Grammar
+from cluster.engine.request import FinishReason, RequestFailed, RequestOutput, SamplingParams
+from cluster.engine.sequence import Sequence as SchedSeq
+from cluster.engine.structured import Grammar
 from model.sampling import SamplingParams as ModelSamplingParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.step import Draw, Sampled, TokenLogprobs

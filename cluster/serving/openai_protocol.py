@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.request import SamplingParams
-from cluster.structured import StructuredOutput
+from cluster.engine.request import SamplingParams
+from cluster.engine.structured import StructuredOutput
 from model.sampling import LOGIT_BIAS_LIMIT, SEED_MAX, SEED_MIN
 from protocol.step import MAX_TOP_LOGPROBS
 

@@ -2,10 +2,10 @@
 
 It owns the requests' lifecycle and the scheduler (with its block tables); a `Backend` runs each
 step's batches (one per attention shard) and returns the sampled tokens; its `OutputProcessor`
-turns them into text and reports (`cluster.output_processor`), its `ExpertBalancer` keeps the
-experts' load and re-places them (`cluster.expert_balancer`). Requests are `cluster.request`'s.
+turns them into text and reports (`cluster.engine.output_processor`), its `ExpertBalancer` keeps the
+experts' load and re-places them (`cluster.engine.expert_balancer`). Requests are `cluster.engine.request`'s.
 `LocalBackend` runs `model.Mixtral` in this process (the fast CPU path and the baseline);
-`cluster.workers.RayBackend` runs the same step over Ray actors. The engine is synchronous and
+`cluster.backend.ray_backend.RayBackend` runs the same step over Ray actors. The engine is synchronous and
 single-threaded; `cluster.llm.LLM` drives it from a background thread for streaming.
 
 `Engine.add_request` is the one place a request is checked: anything that can never run raises
@@ -26,12 +26,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from cluster.expert_balancer import ExpertBalancer, Placer
-from cluster.output_processor import Choice, OutputProcessor, RequestState
-from cluster.placement import RecordedStep
-from cluster.request import FinishReason, RequestError, RequestOutput, SamplingParams, check_token_ids
-from cluster.scheduler import Chunk, Scheduler
-from cluster.structured import Grammar, bitmask
+from cluster.engine.expert_balancer import ExpertBalancer, Placer, RecordedStep
+from cluster.engine.output_processor import Choice, OutputProcessor, RequestState
+from cluster.engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, check_token_ids
+from cluster.engine.scheduler import Chunk, Scheduler
+from cluster.engine.structured import Grammar, bitmask
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.mixtral import Mixtral
@@ -206,7 +205,7 @@ class Engine:
     ) -> None:
         """Queue a request; `RequestError` for one that can never run (empty, too long, bad token ids,
         more KV blocks than a shard has, settings out of range). A request with `params.structured`
-        comes with its compiled `grammar` (`cluster.structured.Grammars.compile`, off this thread)."""
+        comes with its compiled `grammar` (`cluster.engine.structured.Grammars.compile`, off this thread)."""
         choice_ids = [request_id] + [_choice_id(request_id, i) for i in range(1, params.n)]
         if request_id in self.requests or any(c in self._choices for c in choice_ids):
             raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")

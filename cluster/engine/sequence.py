@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from cluster.block_pool import BlockKey
+from cluster.engine.block_pool import BlockKey
 from model.kv_cache import FREED
 
 

@@ -29,21 +29,20 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors import AttentionShard, ExpertGroup, Router
 from actors.data_plane import DataPlaneBroken
 from actors.expert_group import moves_to
-from cluster.engine import EngineError, Executed, Report, ShardsLost
-from cluster.placement import (
+from cluster.backend.placement import (
     Layout,
     PlacementError,
-    RecordedStep,
     bundles,
     check_memory,
     check_resources,
     check_transport,
-    layer_imbalance,
     plan_placement,
     slots_per_group,
     worker_resources,
     worker_specs,
 )
+from cluster.engine.core import EngineError, Executed, Report, ShardsLost
+from cluster.engine.expert_balancer import RecordedStep, layer_imbalance
 from protocol.expert_cost import ExpertCost
 from protocol.experts import Placement
 from protocol.step import ShardBatch, StepMessage, step_messages

@@ -11,10 +11,17 @@ The split (`split_pairs`) is exact for the model, with costs counted in integer 
 chooses which holders compute them (each one it uses pays the weights) by branch and bound; for
 each choice the least possible slowest group follows from Hall's condition on the bipartite graph
 of experts and the holders allowed them, and one max-flow gives the rows.
+
+Hall's condition and the bounds range over sets of replicated experts; only the sets whose groups
+form one connected piece count (where two pieces share no group, each fills on its own and the
+union needs no more than the worse of them), so they range over those (`_connected_sets`, cached
+per holder table: it changes only with the placement). A 128-sequence decode layer at E=8, G=8,
+8 redundant slots: `python -m benchmarks.split_cost`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,22 +137,42 @@ def _charges(allowed: Sequence[Sequence[int]], base: Sequence[int], used: Sequen
 
 
 def _least_slowest(allowed: Sequence[Sequence[int]], need: Sequence[int], fixed: Sequence[int],
-                   paying: Sequence[bool]) -> int:  # fmt: skip
+                   paying: Sequence[bool], sets: Sequence[int] | None = None) -> int:  # fmt: skip
     """The least slowest group (units) with each replicated expert's rows on the groups allowed it:
     by Hall's condition, the largest over sets X of experts of the least T at which the groups
-    allowed X take X's rows, floor((T - fixed[g]) / ROW_UNITS) each."""
+    allowed X take X's rows, floor((T - fixed[g]) / ROW_UNITS) each. `sets`: the sets X to try (bit
+    masks of experts; default the connected ones of `allowed`)."""
     slowest = max((f for f, p in zip(fixed, paying, strict=True) if p), default=0)
     masks = [sum(1 << g for g in groups) for groups in allowed]
-    q = len(need)
-    for subset in range(1, 1 << q):
+    for subset in _connected_sets(tuple(masks)) if sets is None else sets:
         groups_mask, rows = 0, 0
-        for i in range(q):
+        for i, (mask, n) in enumerate(zip(masks, need, strict=True)):
             if subset >> i & 1:
-                groups_mask |= masks[i]
-                rows += need[i]
+                groups_mask |= mask
+                rows += n
         levels = [fixed[g] for g in range(len(fixed)) if groups_mask >> g & 1]
         slowest = max(slowest, _rows_fit_at(levels, rows))
     return slowest
+
+
+@functools.lru_cache(maxsize=1024)
+def _connected_sets(masks: tuple[int, ...]) -> tuple[int, ...]:
+    """Every non-empty set of experts (a bit mask over `masks`, each expert's groups as a bit mask)
+    whose experts are connected through shared groups."""
+    q = len(masks)
+    adjacent = [sum(1 << j for j in range(q) if j != i and masks[i] & masks[j]) for i in range(q)]
+    out = []
+    for subset in range(1, 1 << q):
+        seen = frontier = subset & -subset
+        while frontier:
+            i = (frontier & -frontier).bit_length() - 1
+            frontier &= frontier - 1
+            new = adjacent[i] & subset & ~seen
+            seen |= new
+            frontier |= new
+        if seen == subset:
+            out.append(subset)
+    return tuple(out)
 
 
 def _rows_fit_at(levels: Sequence[int], rows: int) -> int:
@@ -189,6 +216,11 @@ class _Search:
         self.lanes = lanes if 0 < lanes < num_groups else 0  # 0: groups do not share
         self.subsets = [[list(s) for k in range(1, len(c) + 1) for s in itertools.combinations(c, k)] for c in choices]
         self.masks = [sum(1 << g for g in c) for c in choices]
+        # Connected under every holder the experts may use: a superset of those connected under any choice.
+        self.sets = _connected_sets(tuple(self.masks))
+        self.connected = bytearray(1 << len(choices))
+        for subset in self.sets:
+            self.connected[subset] = 1
         self.best_allowed = self._greedy()
         self.best_cost = self._value(self.best_allowed)
         self.nodes, self.budget, self.proven = 0, budget, True
@@ -231,7 +263,7 @@ class _Search:
         """The least layer time with these allowed holders: Hall's value, and with shared lanes the
         groups' compute (every allowed holder paying its weights) over the lanes."""
         fixed, paying = self._fixed(allowed)
-        value = _least_slowest(allowed, self.need, fixed, paying)
+        value = _least_slowest(allowed, self.need, fixed, paying, self.sets)
         if self.lanes:  # messages are waits, not work on the shared lanes
             compute = sum(fixed) - self.message * sum(paying) + ROW_UNITS * sum(self.need)
             value = max(value, -(-compute // self.lanes))
@@ -246,18 +278,23 @@ class _Search:
         groups' fixed work, and for every set X of experts the level at which the groups allowed X
         absorb X's rows and one weight read per undecided expert of X, splitting freely (a
         relaxation of Hall's condition: no floors, undecided experts allowed every holder)."""
-        k, q = len(chosen), len(self.need)
+        k = len(chosen)
         fixed, paying = self._fixed(chosen)
         bound = max((f for f, p in zip(fixed, paying, strict=True) if p), default=0)
         masks = [sum(1 << g for g in groups) for groups in chosen] + self.masks[k:]
         units = [ROW_UNITS * n + (self.weight if i >= k else 0) for i, n in enumerate(self.need)]
+        q, connected = len(self.need), self.connected
         union, total = [0] * (1 << q), [0] * (1 << q)
-        for subset in range(1, 1 << q):
+        most: dict[int, int] = {}  # groups -> the most units of a connected set that has just them
+        for subset in range(1, 1 << q):  # every set's groups and units from a smaller one's
             low = (subset & -subset).bit_length() - 1
             rest = subset & (subset - 1)
             union[subset], total[subset] = union[rest] | masks[low], total[rest] + units[low]
-            bound = max(bound, _level([fixed[g] for g in range(self.num_groups) if union[subset] >> g & 1],
-                                      total[subset]))  # fmt: skip
+            if connected[subset] and total[subset] > most.get(union[subset], -1):
+                most[union[subset]] = total[subset]
+        for groups_mask, units_there in most.items():  # the level rises with the units: the most decides
+            levels = [fixed[g] for g in range(self.num_groups) if groups_mask >> g & 1]
+            bound = max(bound, _level(levels, units_there))
         if self.lanes:  # all compute, one weight read per undecided expert, over the lanes
             bound = max(bound, -(-(sum(fixed) - self.message * sum(paying) + total[-1]) // self.lanes))
         return bound

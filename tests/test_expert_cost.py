@@ -9,8 +9,17 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from benchmarks import split_cost
 from cluster.backend.placement import initial_placement, plan_placement, predict_steps
-from protocol.expert_cost import ROW_UNITS, TOKENS, ExpertCost, layer_seconds, split_pairs
+from protocol.expert_cost import (
+    ROW_UNITS,
+    TOKENS,
+    ExpertCost,
+    _connected_sets,
+    _least_slowest,
+    layer_seconds,
+    split_pairs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -119,3 +128,23 @@ def test_the_planner_predicts_the_split_and_refuses_a_slower_phase() -> None:
     kept, refused = plan_placement(steps, initial, slots, cost)
     assert kept == initial and "slower decode and prefill steps" in refused["refused"]
     assert "expert_ms_after" not in refused["phases"]["decode"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_halls_condition_needs_only_the_connected_sets(seed: int) -> None:
+    """The least slowest group over the connected sets of experts is the one over every set."""
+    rng = random.Random(100 + seed)
+    groups, experts = rng.randint(2, 8), rng.randint(2, 6)
+    allowed = [sorted(rng.sample(range(groups), rng.randint(1, min(3, groups)))) for _ in range(experts)]
+    need = [rng.randint(0, 40) for _ in range(experts)]
+    fixed = [rng.randint(0, 5 * ROW_UNITS) for _ in range(groups)]
+    paying = [rng.random() < 0.5 for _ in range(groups)]
+    every = range(1, 1 << experts)
+    connected = _connected_sets(tuple(sum(1 << g for g in a) for a in allowed))
+    assert set(connected) <= set(every)
+    assert _least_slowest(allowed, need, fixed, paying) == _least_slowest(allowed, need, fixed, paying, every)
+
+
+def test_the_split_benchmark_times_every_case() -> None:
+    rows = [split_cost.measure(g, r, n, steps=3) for g, r, n in [(4, 4, 64), (8, 8, 512)]]
+    assert [row["replicated"] for row in rows] == [2, 6] and all(0 < row["median_us"] <= row["max_us"] for row in rows)

@@ -242,13 +242,11 @@ class LLM:
                 model = load_model(self.checkpoint, self.dtype, config.cluster.device, kernels=eng.kernels)
                 # on a GPU with the cuda kernels (where they never read the device back), decode
                 # steps are recorded as CUDA graphs
-                graphs, weight = None, model.embed_tokens.weight
-                if isinstance(model.kernels, CudaKernels) and CudaKernels.sync_free(weight.device, weight.dtype):
-                    graphs = (eng.context_length(self.model_config), eng.max_seqs)
-                local = LocalBackend(model, blocks, eng.block_size, decode_graphs=graphs)
-                return Engine(local, self.model_config, self.tokenizer, eng, blocks)
-            interval = config.cluster.rebalance_interval_s
-            return Engine(backend, self.model_config, self.tokenizer, eng, blocks, rebalance_interval_s=interval)
+                weight = model.embed_tokens.weight
+                graphs = isinstance(model.kernels, CudaKernels) and CudaKernels.sync_free(weight.device, weight.dtype)
+                local = LocalBackend(model, blocks, eng, decode_graphs=graphs)
+                return Engine(local, self.model_config, self.tokenizer, config, blocks)
+            return Engine(backend, self.model_config, self.tokenizer, config, blocks)
 
         try:
             self._loop = EngineLoop(make_engine)

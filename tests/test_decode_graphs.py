@@ -18,7 +18,7 @@ from model.kernels import CudaKernels, TorchKernels
 from model.kv_cache import CacheBatch, KVCache
 from model.loader import load_model
 from model.tokenizer import Tokenizer
-from protocol.config import EngineSection
+from protocol.config import LLMConfig
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.unit
@@ -65,9 +65,10 @@ def test_fixed_shape_decode_steps_equal_the_models_forward(ckpt: Path, kernels: 
 def test_an_engine_stepping_through_fixed_shape_decodes_generates_the_reference(ckpt: Path) -> None:
     """Prefill eager, decode at fixed shapes, requests joining and leaving: the reference's tokens."""
     prompts = random_prompts(5, seed=8, low=2, high=30)
-    settings = EngineSection(block_size=BLOCK, num_blocks=64, max_batched_tokens=32, max_seqs=4)
+    config = LLMConfig.from_keywords(checkpoint=ckpt, block_size=BLOCK, num_blocks=64, max_batched_tokens=32,
+                                     max_seqs=4, max_model_len=128)  # fmt: skip
     model = load_model(ckpt)
-    backend = LocalBackend(model, 64, BLOCK, decode_graphs=(128, 4))
+    backend = LocalBackend(model, 64, config.engine, decode_graphs=True)
     assert backend.graphs is not None and backend.shard.cache.num_blocks == 65  # the scratch block on top
     steps: list[int] = []
     real_step = backend.graphs.step
@@ -77,7 +78,7 @@ def test_an_engine_stepping_through_fixed_shape_decodes_generates_the_reference(
         return real_step(*args)
 
     backend.graphs.step = counted  # type: ignore[method-assign]
-    engine = Engine(backend, model.config, Tokenizer.for_checkpoint(ckpt, model.config.vocab_size), settings, 64)
+    engine = Engine(backend, model.config, Tokenizer.for_checkpoint(ckpt, model.config.vocab_size), config, 64)
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, greedy)

@@ -35,7 +35,7 @@ from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
-from protocol.config import EngineSection
+from protocol.config import EngineSection, LLMConfig
 from protocol.expert_cost import TOKENS
 from protocol.step import Draw, Sampled, SeqChunk, ShardBatch, ShardRunner, TokenLogprobs
 
@@ -49,7 +49,6 @@ class EngineError(RuntimeError):
 
 
 Report = Literal["where", "loaded", "settings", "step_times"]
-DecodeGraphSettings = tuple[int, int]  # (max_model_len, max_seqs) of the decode steps `DecodeGraphs` runs
 
 
 class ShardsLost(Exception):
@@ -101,21 +100,19 @@ class LocalBackend:
     num_groups = 1
     cost = TOKENS  # one group: nothing to split
 
-    def __init__(
-        self, model: Mixtral, num_blocks: int, block_size: int, decode_graphs: DecodeGraphSettings | None = None
-    ) -> None:
-        """`decode_graphs` (max_model_len, max_seqs): run decode steps through `DecodeGraphs`,
-        recorded as CUDA graphs on a GPU (the cache gets their scratch block on top)."""
+    def __init__(self, model: Mixtral, num_blocks: int, settings: EngineSection, decode_graphs: bool = False) -> None:
+        """`decode_graphs`: run decode steps through `DecodeGraphs` (up to the settings' context
+        length and `max_seqs`), recorded as CUDA graphs on a GPU (the cache gets their scratch
+        block on top)."""
         self.model = model
         self.recoveries: list[dict[str, Any]] = []  # no workers to lose
         weight = model.embed_tokens.weight
-        extra = 0 if decode_graphs is None else 1
-        self.shard = ShardRunner(model.config, num_blocks + extra, block_size, weight.dtype, weight.device)
+        extra = 1 if decode_graphs else 0
+        self.shard = ShardRunner(model.config, num_blocks + extra, settings.block_size, weight.dtype, weight.device)
         self.graphs: DecodeGraphs | None = None
-        if decode_graphs is not None:
-            max_len, max_seqs = decode_graphs
-            capture = weight.device.type == "cuda"
-            self.graphs = DecodeGraphs(model, self.shard.cache, max_len, max_seqs, capture=capture)
+        if decode_graphs:
+            max_len, capture = settings.context_length(model.config), weight.device.type == "cuda"
+            self.graphs = DecodeGraphs(model, self.shard.cache, max_len, settings.max_seqs, capture=capture)
 
     @torch.inference_mode()
     def execute(self, batches: list[ShardBatch]) -> Executed:
@@ -166,10 +163,12 @@ class Engine:
         backend: Backend,
         config: ModelConfig,
         tokenizer: Tokenizer | None,
-        settings: EngineSection,
+        llm_config: LLMConfig,
         blocks_per_shard: int,
-        rebalance_interval_s: float | None = None,
     ) -> None:
+        """`config`: the model's shape; `llm_config`: the copy's config, read whole here (its
+        `engine` section, and `cluster.rebalance_interval_s`)."""
+        settings = llm_config.engine
         self.backend = backend
         self.config = config
         self.tokenizer = tokenizer
@@ -177,18 +176,11 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
         self.max_model_len = settings.context_length(config)
         self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_model_len)
-        self.scheduler = Scheduler(
-            backend.num_shards,
-            blocks_per_shard,
-            settings.block_size,
-            settings.max_batched_tokens,
-            settings.max_seqs,
-            config.sliding_window,
-            settings.prefix_caching,
-        )
+        self.scheduler = Scheduler.of(settings, backend.num_shards, blocks_per_shard, config.sliding_window)
         self.requests: dict[str, RequestState] = {}
         self._choices: dict[str, tuple[RequestState, Choice]] = {}  # by sequence id
-        self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, rebalance_interval_s)
+        interval = llm_config.cluster.rebalance_interval_s
+        self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, interval)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
         # Per shard, each sequence's block table as its shard has it: a chunk carries what changed.

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.sequence import Sequence, Status
+from protocol.config import EngineSection
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,12 @@ class Scheduler:
         self.running: list[Sequence] = []  # in arrival order
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+
+    @classmethod
+    def of(cls, settings: EngineSection, num_shards: int, blocks_per_shard: int, window: int | None) -> Scheduler:
+        """The scheduler an engine with `settings` runs (the model's sliding `window`, if any)."""
+        return cls(num_shards, blocks_per_shard, settings.block_size, settings.max_batched_tokens, settings.max_seqs,
+                   window, settings.prefix_caching)  # fmt: skip
 
     # ---- requests ----------------------------------------------------------------------------
 

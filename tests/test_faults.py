@@ -26,7 +26,7 @@ from ray import serve
 
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from cluster.serving.ingress import HEALTH_TIMEOUT_S
+from cluster.serving.streams import HEALTH_TIMEOUT_S
 from tests.helpers import ENGINE_CONFIG
 from tests.serve_helpers import MODEL, PROMPT, Load, census, serving, wait_until_serving
 

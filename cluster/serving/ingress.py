@@ -1,10 +1,12 @@
-"""The Serve ingress: OpenAI-compatible HTTP routes and the gRPC methods of `inference.proto`.
+"""The Serve ingress: OpenAI-compatible HTTP routes, and the gRPC methods of `inference.proto`.
 
 Routes: `/v1/completions`, `/v1/chat/completions` (JSON and SSE), `/v1/models`, `/health`,
-`/metrics`. It parses and validates request bodies (`cluster/serving/openai_protocol.py`), enforces the
-API key and the body size, sends each request to a model copy as a `GenerateCall`, turns the
-copy's answers into OpenAI JSON, SSE or gRPC messages, and cancels the copy's work when a
-client goes away. Serve builds its FastAPI app per replica from the config it was given
+`/metrics`, vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/admin/rebalance`. It
+enforces the API key and the body size, parses and validates request bodies
+(`cluster/serving/openai_protocol.py`), and turns the copies' answers into OpenAI JSON or SSE.
+The way to the copies and back is `cluster.serving.streams` (shared with gRPC); the RPCs are
+`cluster.serving.grpc_api`'s, which Ray Serve reaches through this class's methods of their
+names. Serve builds the FastAPI app per replica from the config it was given
 (`__serve_build_asgi_app__`), so the class lives at module level and holds no closure.
 """
 
@@ -13,44 +15,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
-from ray.serve.exceptions import BackPressureError
+from pydantic import BaseModel, ConfigDict
 from ray.serve.handle import DeploymentHandle
 
-from cluster.proto import inference_pb2
 from cluster.serving.config import ServeConfig
-from cluster.serving.messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.serving.grpc_api import GrpcApi
+from cluster.serving.messages import Logprob, TokenizeCall
 from cluster.serving.metrics import Metrics
-from cluster.serving.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
-from cluster.serving.openai_responses import Choice, Reply, usage
+from cluster.serving.openai_protocol import APIError, CompletionRequest
+from cluster.serving.openai_responses import Reply, usage
+from cluster.serving.streams import HEALTH_TIMEOUT_S, ModelCopies, Started, parse, refused, validated
 
 logger = logging.getLogger(__name__)
-pb: Any = inference_pb2  # generated module: its message classes are made at import time
-
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_DEFAULT_MAX_TOKENS = 256
-HEALTH_TIMEOUT_S = 5.0  # /health answers within this, well inside a load balancer's probe timeout
-
-OpenAIRequest = CompletionRequest | ChatCompletionRequest
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass
-class _Started:
-    """One prompt of a request, sent to a model copy: its stream, its head, where its choices go."""
-
-    gen: Any
-    head: Head
-    first_index: int  # its choices are first_index .. first_index + n - 1
 
 
 class Ingress:
@@ -59,6 +40,8 @@ class Ingress:
         self.serving = config.serving
         self.model_name = config.model.name
         self.counters = Metrics()
+        self.copies = ModelCopies(llm, self.model_name, self.counters)
+        self.grpc = GrpcApi(self.copies, self.serving)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="mixtral-cluster", version="0.1.0")
@@ -116,8 +99,8 @@ class Ingress:
         """vLLM's route: `{"prompt": ..., "add_special_tokens": true}` or `{"messages": [...]}` -> token ids."""
         try:
             data = await self._json_body(request)
-            self._check_model(data.get("model", self.model_name))
-            call = _validated(TokenizeCall, {k: v for k, v in data.items() if k != "model"})
+            self.copies.check_model(data.get("model", self.model_name))
+            call = validated(TokenizeCall, {k: v for k, v in data.items() if k != "model"})
             answer = await self.llm.tokenize.remote(call)
         except APIError as e:
             return _error(e)
@@ -127,8 +110,8 @@ class Ingress:
         """vLLM's route: `{"tokens": [...]}` -> `{"prompt": text}`."""
         try:
             data = await self._json_body(request)
-            self._check_model(data.get("model", self.model_name))
-            tokens = _validated(_Tokens, {"tokens": data.get("tokens")}).tokens
+            self.copies.check_model(data.get("model", self.model_name))
+            tokens = validated(_Tokens, {"tokens": data.get("tokens")}).tokens
             answer = await self.llm.detokenize.remote(tokens)
         except APIError as e:
             return _error(e)
@@ -148,8 +131,8 @@ class Ingress:
         route = "chat" if chat else "completions"
         retry = self.serving.retry_after_s
         try:
-            req = _parse(await self._json_body(request), chat)
-            started, request_id = await self._start(req)
+            req = parse(await self._json_body(request), chat)
+            started, request_id = await self.copies.start(req)
         except APIError as e:
             self.counters.requests.labels(route, str(e.status)).inc()
             return _error(e, retry)
@@ -163,7 +146,7 @@ class Ingress:
             sse = self._sse(started, reply, prompt_tokens, req.include_usage)
             return StreamingResponse(sse, media_type="text/event-stream")
         try:
-            choices, cached = await self._collect(started, req.choices, echo)
+            choices, cached = await self.copies.collect(started, req.choices, echo)
         except APIError as e:
             return _error(e, retry)
         completion = sum(len(c.token_ids) for c in choices)
@@ -182,101 +165,14 @@ class Ingress:
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         return data
 
-    def _check_model(self, model: Any) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server has {self.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
-
-    async def _start(self, req: OpenAIRequest) -> tuple[list[_Started], str]:
-        """Send each prompt of a validated request to a model copy; their streams once every copy has
-        accepted its prompt (the first refusal is the request's, and the others are cancelled)."""
-        self._check_model(req.model)
-        request_id = uuid.uuid4().hex
-        gens: list[Any] = [self.llm.options(stream=True).stream.remote(call) for call in _calls(req, request_id)]
-        heads: list[Any] = await asyncio.gather(*(_head(g) for g in gens), return_exceptions=True)
-        refused = next((h for h in heads if not isinstance(h, Head)), None)
-        if refused is not None:
-            for g, h in zip(gens, heads, strict=True):
-                if isinstance(h, Head):  # accepted: abort it (a refused stream has nothing to cancel)
-                    g.cancel()
-            if isinstance(refused, Failure):
-                raise refused.error()
-            raise refused if isinstance(refused, APIError) else _unavailable(refused)
-        n = req.choices
-        return [_Started(g, h, i * n) for i, (g, h) in enumerate(zip(gens, heads, strict=True))], request_id
-
-    async def _updates(self, gen: Any) -> AsyncIterator[Update]:
-        """Updates from the model copy, timed for the latency histograms; cancels it if abandoned."""
-        start = last = time.monotonic()
-        first = True
-        try:
-            async for update in _guarded(gen):
-                if isinstance(update, Failure):
-                    raise update.error()
-                now = time.monotonic()
-                if update.token_ids:
-                    (self.counters.ttft if first else self.counters.itl).observe(now - (start if first else last))
-                    first, last = False, now
-                    self.counters.generated_tokens.inc(len(update.token_ids))
-                yield update
-        finally:
-            gen.cancel()  # a no-op once finished; aborts the request when the client has gone
-
-    async def _merged(self, started: list[_Started]) -> AsyncIterator[tuple[_Started, Update]]:
-        """The updates of every prompt of a request, as they come."""
-        if len(started) == 1:  # the usual case: no tasks needed
-            async for u in self._updates(started[0].gen):
-                yield started[0], u
-            return
-        queue: asyncio.Queue[tuple[_Started, Update | APIError | None]] = asyncio.Queue()
-
-        async def pump(s: _Started) -> None:
-            try:
-                async for u in self._updates(s.gen):
-                    await queue.put((s, u))
-            except APIError as e:
-                await queue.put((s, e))
-            finally:
-                await queue.put((s, None))
-
-        tasks = [asyncio.create_task(pump(s)) for s in started]
-        try:
-            ended = 0
-            while ended < len(tasks):
-                s, item = await queue.get()
-                if item is None:
-                    ended += 1
-                elif isinstance(item, APIError):
-                    raise item
-                else:
-                    yield s, item
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    async def _collect(self, started: list[_Started], n: int, echo: bool) -> tuple[list[Choice], int]:
-        """Every choice of every prompt, whole; and the prompt tokens served from the prefix cache."""
-        choices: dict[int, Choice] = {}
-        prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt (its first choice's index)
-        cached: dict[int, int] = {}
-        async for s, u in self._merged(started):
-            index = s.first_index + u.index
-            choices.setdefault(index, Choice(index, echo=s.head.prompt_text if echo else "")).add(u)
-            if u.prompt_logprobs is not None:
-                prompt_logprobs[s.first_index] = u.prompt_logprobs
-            cached[s.first_index] = u.cached_tokens
-        for c in choices.values():  # every choice of a prompt shows that prompt's logprobs
-            c.prompt_logprobs = prompt_logprobs.get(c.index - c.index % n, [])
-        return list(choices.values()), sum(cached.values())
-
     async def _sse(
-        self, started: list[_Started], reply: Reply, prompt_tokens: int, include_usage: bool
+        self, started: list[Started], reply: Reply, prompt_tokens: int, include_usage: bool
     ) -> AsyncIterator[str]:
         completion, cached = 0, {}
         opened: set[int] = set()
         prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt, for its choices' echo
         try:
-            async for s, u in self._merged(started):
+            async for s, u in self.copies.merged(started):
                 index = s.first_index + u.index
                 completion += len(u.token_ids)
                 cached[s.first_index] = u.cached_tokens
@@ -305,155 +201,26 @@ class Ingress:
             yield _sse(reply.usage_chunk(usage(prompt_tokens, completion, sum(cached.values()))))
         yield "data: [DONE]\n\n"
 
-    # ---- gRPC (method names = RPC names of inference.proto) -----------------------------------
+    # ---- gRPC: Serve calls the methods named as inference.proto's RPCs -------------------------
 
     async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            started = await self._grpc_start(request, grpc_context)
-            (c,), _ = await self._collect(started, 1, echo=False)
-        except APIError as e:
-            _grpc_error(grpc_context, e)
-            return pb.GenerateResponse()
-        return pb.GenerateResponse(
-            text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "", model=self.model_name,
-            usage=_usage_pb(started[0].head.prompt_tokens, len(c.token_ids)),
-        )  # fmt: skip
+        return await self.grpc.Complete(request, grpc_context)
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        try:
-            started = await self._grpc_start(request, grpc_context)
-            completion = 0
-            async for _, u in self._merged(started):
-                completion += len(u.token_ids)
-                last = bool(u.finish_reason)
-                yield pb.GenerateResponse(
-                    text=u.text, token_ids=u.token_ids, finish_reason=u.finish_reason or "",
-                    model=self.model_name,
-                    usage=_usage_pb(started[0].head.prompt_tokens, completion) if last else None,
-                )  # fmt: skip
-        except APIError as e:
-            # A stream's status reaches the client only through an exception once the code is set.
-            _grpc_error(grpc_context, e)
-            raise
+        async for response in self.grpc.Generate(request, grpc_context):
+            yield response
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            _grpc_authorize(grpc_context, self.serving.api_key)
-        except APIError as e:
-            _grpc_error(grpc_context, e)
-            return pb.ListModelsResponse()
-        return pb.ListModelsResponse(models=[self.model_name])
+        return await self.grpc.ListModels(request, grpc_context)
 
     async def Health(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            await asyncio.wait_for(self.llm.health.remote(), timeout=HEALTH_TIMEOUT_S)
-        except Exception as e:
-            return pb.HealthResponse(healthy=False, detail=str(e) or type(e).__name__)
-        return pb.HealthResponse(healthy=True, detail="ok")
+        return await self.grpc.Health(request, grpc_context)
 
     async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            _grpc_authorize(grpc_context, self.serving.api_key)
-            self._check_model(request.model or self.model_name)
-            data: dict[str, Any] = {"add_special_tokens": not request.no_special_tokens}
-            if request.messages:
-                data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-            else:
-                data["prompt"] = request.prompt
-            answer = _refused(await self.llm.tokenize.remote(_validated(TokenizeCall, data)))
-        except APIError as e:
-            _grpc_error(grpc_context, e)
-            return pb.TokenizeResponse()
-        return pb.TokenizeResponse(tokens=answer["tokens"], count=answer["count"],
-                                   max_model_len=answer["max_model_len"])  # fmt: skip
+        return await self.grpc.Tokenize(request, grpc_context)
 
     async def Detokenize(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            _grpc_authorize(grpc_context, self.serving.api_key)
-            self._check_model(request.model or self.model_name)
-            answer = _refused(await self.llm.detokenize.remote(list(request.tokens)))
-        except APIError as e:
-            _grpc_error(grpc_context, e)
-            return pb.DetokenizeResponse()
-        return pb.DetokenizeResponse(text=answer["prompt"])
-
-    async def _grpc_start(self, request: Any, grpc_context: Any) -> list[_Started]:
-        _grpc_authorize(grpc_context, self.serving.api_key)
-        data: dict[str, Any] = {"model": request.model or self.model_name}
-        chat = len(request.messages) > 0
-        if chat:
-            data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-        else:
-            data["prompt"] = list(request.prompt_token_ids) if request.prompt_token_ids else request.prompt
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", *_GRPC_CONTROLS):
-            if request.HasField(name):
-                data[name] = getattr(request, name)
-        if request.stop:
-            data["stop"] = list(request.stop)
-        if request.logit_bias:
-            data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
-        given = {"json": request.json_schema, "regex": request.regex, "choice": list(request.choice),
-                 "grammar": request.grammar}  # fmt: skip
-        given = {key: value for key, value in given.items() if value}
-        if given:
-            data["structured_outputs"] = given  # more than one: refused, naming the second
-        if request.json_object:
-            data["response_format"] = {"type": "json_object"}
-        started, _ = await self._start(_parse(data, chat))
-        return started
-
-
-# GenerateRequest's optional sampling controls, named as the HTTP fields.
-_GRPC_CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens")
-
-
-async def _head(gen: Any) -> Head | Failure:
-    """The model copy's first answer to a request (its prompt size, or its error)."""
-    try:
-        first: Head | Failure = await gen.__anext__()
-    except StopAsyncIteration as e:
-        raise APIError(503, "the model copy ended the request without an answer", code="engine_unavailable") from e
-    except Exception as e:
-        raise _unavailable(e) from e
-    return first
-
-
-async def _guarded(gen: Any) -> AsyncIterator[Update | Failure]:
-    """A model copy's stream, with its failures (replica died, Serve's queue full) as 503s, not 500s."""
-    try:
-        async for item in gen:
-            yield item
-    except Exception as e:
-        raise _unavailable(e) from e
-
-
-def _unavailable(e: Exception) -> APIError:
-    if isinstance(e, BackPressureError):
-        return APIError(429, "every model copy is at capacity (queue full); retry shortly", code="overloaded")
-    logger.warning("a model copy failed a request: %s", type(e).__name__)
-    return APIError(503, "the model copy serving this request is unavailable; retry shortly", code="engine_unavailable")
-
-
-def _parse(data: dict[str, Any], chat: bool) -> OpenAIRequest:
-    try:
-        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from e
-
-
-def _calls(req: OpenAIRequest, request_id: str) -> list[GenerateCall]:
-    """The request as the model copies receive it: one call per prompt of a completions batch."""
-    if isinstance(req, ChatCompletionRequest):
-        return [
-            GenerateCall(
-                id=request_id, messages=req.messages, params=req.sampling(CHAT_DEFAULT_MAX_TOKENS), tools=req.tools,
-                tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False,
-            )
-        ]  # fmt: skip
-    params = req.sampling(COMPLETION_DEFAULT_MAX_TOKENS)
-    prompts = req.prompts
-    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-    return [GenerateCall(id=rid, prompt=p, params=params, echo=req.echo) for rid, p in zip(ids, prompts, strict=True)]
+        return await self.grpc.Detokenize(request, grpc_context)
 
 
 class _Tokens(BaseModel):
@@ -462,23 +229,9 @@ class _Tokens(BaseModel):
     tokens: list[int]
 
 
-def _validated(model: type[M], data: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from e
-
-
-def _refused(answer: dict[str, Any]) -> dict[str, Any]:
-    """A model copy's answer to a tokenizer call, or its refusal raised as an APIError."""
-    if "error" in answer:
-        raise Failure.model_validate(answer["error"]).error()
-    return answer
-
-
 def _answer(answer: dict[str, Any]) -> Response:
     try:
-        return JSONResponse(_refused(answer))
+        return JSONResponse(refused(answer))
     except APIError as e:
         return _error(e)
 
@@ -491,27 +244,3 @@ def _error(e: APIError, retry_after_s: int = 10) -> JSONResponse:
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-def _usage_pb(prompt: int, completion: int) -> Any:
-    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-               401: grpc.StatusCode.UNAUTHENTICATED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-               500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
-
-
-def _grpc_authorize(ctx: Any, api_key: str | None) -> None:
-    """The API key travels as gRPC metadata `authorization: Bearer <key>` (Health needs none)."""
-    if api_key is None:
-        return
-    metadata = dict(ctx.invocation_metadata()) if ctx is not None else {}
-    if metadata.get("authorization", "") != f"Bearer {api_key}":
-        raise APIError(401, "missing or wrong API key (metadata authorization: Bearer <key>)")
-
-
-def _grpc_error(ctx: Any, e: APIError) -> None:
-    if ctx is not None:
-        ctx.set_code(_GRPC_CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
-        ctx.set_details(f"{e.param}: {e.message}" if e.param and not e.message.startswith(e.param) else e.message)

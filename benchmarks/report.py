@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from benchmarks.breakdown import PARTS
+
+
+def write_json(path: Path | None, result: Any) -> None:
+    """The figures as JSON at `path` (its folder made), when a path is given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def markdown(r: dict[str, Any]) -> str:

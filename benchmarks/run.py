@@ -12,7 +12,6 @@ PNG plots are written next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None
     text = report.markdown(result)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        report.write_json(args.json, result)
         args.json.with_suffix(".md").write_text(text)
         for path in report.plots(result, args.json.with_suffix("")):
             logger.info("wrote %s", path)

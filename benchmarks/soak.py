@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import random
 import sys
@@ -28,6 +27,7 @@ from ray._private import state as ray_state
 
 from benchmarks.args import soak_parser
 from benchmarks.latency import MODEL, start_server, stop_server
+from benchmarks.report import write_json
 from benchmarks.workload import ensure_checkpoint
 from cluster.backend.placement import Layout
 from cluster.engine.request import SamplingParams
@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None
     result = soak(ckpt, Layout(*args.layout), args.minutes * 60, args.concurrency)
     if ray.is_initialized():
         ray.shutdown()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     growth = ", ".join(f"{k} {v / 2**20:+.1f} MB" for k, v in result["memory_growth_bytes"].items())
     logger.info("%d requests in %d waves over %.0f s; memory: %s", result["requests"], len(result["waves"]),
                 result["seconds"], growth)  # fmt: skip

@@ -13,7 +13,6 @@ over `--steps` random skewed loads: median and worst, under the 8x22B cost model
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_json
 from cluster.backend.placement import initial_placement, place_experts
 from protocol.expert_cost import ExpertCost, split_pairs
 from protocol.experts import holders
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("G=%d, %d redundant slots (%d experts replicated), %d pairs: %.0f us per layer (worst %.0f us)",
                     row["groups"], row["redundant"], row["replicated"], row["pairs"], row["median_us"],
                     row["max_us"])  # fmt: skip
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.json, rows)
     return 0
 
 

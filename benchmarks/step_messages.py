@@ -18,7 +18,6 @@ slowest worker unpickling), on this CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pickle
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_json
 from cluster.backend.placement import Layout, worker_specs
 from model.config import ModelConfig
 from model.sampling import SamplingParams
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         roles = ", ".join(f"{k} {v / 1e3:.2f} kB" for k, v in r["by_role"].items())
         logger.info("%s step, %d workers | %s | %.0fx fewer bytes (largest message by role: %s)",
                     step, result["workers"], ways, fewer, roles)  # fmt: skip
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.config import ModelConfig
+from model.decode_graphs import DecodeGraphs
 from model.kv_cache import CacheBatch, KVCache
 from model.sampling import SamplingParams, adjust, allowed_tokens, make_generator, sample
 from protocol.worker import WorkerSpec
+
+if TYPE_CHECKING:
+    from model.mixtral import Mixtral
 
 MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per position
 
@@ -260,20 +265,33 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Toke
     return [TokenLogprobs(t, c, top) for t, c, top in zip(tokens, chosen, tops, strict=True)]
 
 
+DecodeGraphSpec = tuple["Mixtral", int, int]  # (the whole model, the longest sequence, the most sequences)
+
+
 class ShardRunner:
     """One attention shard across steps: the paged KV cache of its sequences, their block tables
     (kept here and updated by each chunk's `new_blocks`, so a step carries only what changed) and
     the sampler that keeps their generators. A step is `begin` (forget finished sequences, copy
     forked choices' last blocks before anything writes, update the tables), then, if the shard has
-    chunks, `pack`, the forward (in this process, or with the MoE halves over the data plane) and
+    chunks, `replay` (a decode step through the decode graphs, where the shard has them) or `pack`
+    and the forward (in this process, or with the MoE halves over the data plane), and
     `sampler.sample`."""
 
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        self.cache = KVCache.allocate(config, num_blocks, block_size, dtype, device)
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+        graphs: DecodeGraphSpec | None = None,
+    ) -> None:  # fmt: skip
+        """`graphs`: replay decode steps at fixed shapes through `model.decode_graphs.DecodeGraphs`
+        (the whole model's, so only where the shard runs the MoE itself: one process), recorded as
+        CUDA graphs on a GPU; the cache gets their scratch block on top of `num_blocks`."""
+        extra = 0 if graphs is None else 1
+        self.cache = KVCache.allocate(config, num_blocks + extra, block_size, dtype, device)
         self.sampler = Sampler()
         self.tables: dict[str, list[int]] = {}  # by request id
+        self.graphs: DecodeGraphs | None = None
+        if graphs is not None:
+            model, max_len, max_seqs = graphs
+            self.graphs = DecodeGraphs(model, self.cache, max_len, max_seqs, capture=device.type == "cuda")
 
     def begin(self, batch: ShardBatch) -> None:
         self.sampler.drop(batch.finished)
@@ -293,6 +311,17 @@ class ShardRunner:
     def block_tables(self, batch: ShardBatch) -> list[list[int]]:
         """Each chunk's whole block table (after `begin`)."""
         return [self.tables[c.request_id] for c in batch.chunks]
+
+    def replay(self, batch: ShardBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step the graphs hold (one token and one row of logits per chunk, few enough
+        chunks), replayed: logits [S, V] and tokens per expert [L, E]. None for any other step (run
+        the forward)."""
+        if self.graphs is None or not self.graphs.fits(len(batch.chunks)):
+            return None
+        if not all(len(c.tokens) == 1 and c.logit_rows == 1 for c in batch.chunks):
+            return None
+        starts = [c.start for c in batch.chunks]
+        return self.graphs.step([c.tokens[0] for c in batch.chunks], starts, self.block_tables(batch))
 
     def pack(self, batch: ShardBatch) -> tuple[Packed, CacheBatch]:
         """The batch's chunks as the model's tensors, and the cache seen through their block tables."""

@@ -107,12 +107,12 @@ class LocalBackend:
         self.model = model
         self.recoveries: list[dict[str, Any]] = []  # no workers to lose
         weight = model.embed_tokens.weight
-        extra = 1 if decode_graphs else 0
-        self.shard = ShardRunner(model.config, num_blocks + extra, settings.block_size, weight.dtype, weight.device)
-        self.graphs: DecodeGraphs | None = None
-        if decode_graphs:
-            max_len, capture = settings.context_length(model.config), weight.device.type == "cuda"
-            self.graphs = DecodeGraphs(model, self.shard.cache, max_len, settings.max_seqs, capture=capture)
+        graphs = (model, settings.context_length(model.config), settings.max_seqs) if decode_graphs else None
+        self.shard = ShardRunner(model.config, num_blocks, settings.block_size, weight.dtype, weight.device, graphs)
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self.shard.graphs
 
     @torch.inference_mode()
     def execute(self, batches: list[ShardBatch]) -> Executed:
@@ -121,15 +121,9 @@ class LocalBackend:
         cfg, device = self.model.config, self.shard.cache.k.device
         counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
         sampled: list[Sampled] = []
-        if (
-            self.graphs is not None
-            and self.graphs.fits(len(batch.chunks))
-            and all(len(c.tokens) == 1 and c.logit_rows == 1 for c in batch.chunks)
-        ):  # a decode step: at a fixed shape, replayed
-            logits, counts = self.graphs.step(
-                [c.tokens[0] for c in batch.chunks], [c.start for c in batch.chunks],
-                self.shard.block_tables(batch),
-            )  # fmt: skip
+        replayed = self.shard.replay(batch)
+        if replayed is not None:  # a decode step at a fixed shape, replayed
+            logits, counts = replayed
             sampled = self.shard.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
         elif batch.chunks:
             p, cache = self.shard.pack(batch)

@@ -6,12 +6,12 @@ V = vocab, K = alternatives reported per position.
 Each worker gets only its part of a step (`step_messages`): an attention shard its own
 `ShardBatch` (plain data, cheap to pickle), a router its shards' token counts, an expert group
 nothing; `python -m benchmarks.step_messages` measures what that saves over sending every worker
-every shard's batch. `pack` turns a
-shard's batch into the tensors `model.Mixtral` takes, and `Sampler` draws the next token of each
-chunk that ends its sequence with the request's own generator, and scores the prompt tokens of
-chunks that ask for it. The single-process engine and the `AttentionShard` actor both use these,
-so they sample identically; `ShardRunner` is the state and the step both keep per shard (the
-paged cache, the sampler) and the steps' common part around the forward each runs its own way.
+every shard's batch. `pack` turns a shard's batch into the tensors `model.Mixtral` takes, and
+`Sampler` draws the next token of each chunk that ends its sequence with the request's own
+generator, and scores the prompt tokens of chunks that ask for it. The single-process engine
+and the `AttentionShard` actor both run a shard on `ShardRunner` (its paged cache, sampler and
+block tables, and the step's part around the forward each runs its own way), so they sample
+identically.
 
 Logprobs are the fp32 log-softmax of the model's logits, before the request's controls (logit
 bias, penalties, a grammar's mask), temperature, min-p, top-k and top-p (what vLLM reports by
@@ -60,10 +60,10 @@ class SeqChunk:
     prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
     next_token: int | None = None  # the prompt token after the chunk, scored from its last row
     forks: list[Draw] = field(default_factory=list)  # more choices drawn from the same last logits
+    blocks_from: int = 0  # the entry of its block table `new_blocks` starts at
     # The draw's controls (see `model.sampling.adjust`); the forks' first draws share them.
     allowed: bytes | None = None  # a grammar's allowed tokens: bitmask, 32 tokens per little-endian int32
     banned: list[int] = field(default_factory=list)  # ids never drawn (eos before min_tokens, ...)
-    blocks_from: int = 0
     output: list[int] | None = None  # the tokens generated so far, when penalties need them
     prompt_seen: list[int] | None = None  # the prompt's distinct ids, when the repetition penalty needs them
 

@@ -387,9 +387,10 @@ class RayBackend:
         refs = [a.step.remote(m) for a, m in zip(self.actors, messages, strict=True)]
         outcome: dict[int, Any] = {}  # worker -> result, or the exception its step raised
         pending = list(refs)
-        step_deadline = time.monotonic() + self.step_timeout_s
+        began = time.monotonic()
+        step_deadline = began + self.step_timeout_s
         deadline, awaiting_verdict = step_deadline, False
-        probe_at = time.monotonic() + self.setup.config.cluster.data_plane_timeout_s + UNREACHABLE_GRACE_S
+        probe_at = began + self.setup.config.cluster.data_plane_timeout_s + UNREACHABLE_GRACE_S
         unreachable: list[Any] = []
         while pending:
             until = min(deadline, probe_at)
@@ -425,10 +426,9 @@ class RayBackend:
             names = ", ".join(s.name for s in silent)
             if unreachable:
                 lost = ", ".join(self.specs[refs.index(r)].name for r in unreachable)
-                ran_s = time.monotonic() - step_deadline + self.step_timeout_s
                 raise EngineError(
                     f"the host of worker {lost} does not answer (partitioned or down) and the step has run "
-                    f"{ran_s:.0f} s: the copy is given up"
+                    f"{time.monotonic() - began:.0f} s: the copy is given up"
                 )
             if any(isinstance(o, RayError) for o in outcome.values()):
                 deadline_s = self.setup.config.cluster.data_plane_timeout_s

@@ -325,21 +325,21 @@ class Engine:
         score = req.params.prompt_logprobs is not None and choice.index == 0 and c.start < prompt_len
         draw = c.sample and req.params.max_tokens > 0
         forks = req.pending if draw and choice.index == 0 and not choice.seq.output else []
+        table, sent = c.seq.block_table, self._sent[c.seq.shard]
+        known = _unchanged(sent.get(c.seq.request_id, []), table)  # entries the shard has already
+        sent[c.seq.request_id] = list(table)
         chunk = SeqChunk(
             request_id=c.seq.request_id,
             tokens=c.seq.tokens[c.start : c.end],
             start=c.start,
-            new_blocks=[],
+            new_blocks=table[known:],
+            blocks_from=known,
             params=req.draw if draw else None,
             logprobs=req.params.logprobs,
             prompt_logprobs=req.params.prompt_logprobs if score else None,
             next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
             forks=list(forks),
         )
-        table, sent = c.seq.block_table, self._sent[c.seq.shard]
-        chunk.blocks_from = _unchanged(sent.get(c.seq.request_id, []), table)
-        chunk.new_blocks = table[chunk.blocks_from :]
-        sent[c.seq.request_id] = list(table)
         if draw:  # the draw's controls; forks draw their first token in the same state as choice 0
             params, output = req.params, choice.seq.output
             chunk.banned = list(params.bad_token_ids)

@@ -17,7 +17,7 @@ import torch
 
 from actors.dispatch import router_exchange
 from actors.worker import Worker
-from protocol.expert_cost import TOKENS, ExpertCost
+from protocol.expert_cost import TOKENS, ExpertCost, compiled_split
 from protocol.experts import Placement, holders
 from protocol.worker import WorkerSetup, WorkerSpec
 
@@ -31,6 +31,7 @@ class Router(Worker):
         self.commit_placement(setup.placement)
         self.cost = setup.expert_cost or TOKENS  # until the copy's measured one comes (`set_cost`)
         self.total_counts = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long)  # [L, E]
+        compiled_split()  # built or loaded now, not in the first step (the Python split serves without it)
 
     def commit_placement(self, placement: Placement) -> None:
         """Route by a new placement from the next step on (the engine calls it between steps)."""

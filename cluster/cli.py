@@ -255,18 +255,25 @@ def _needs_extra(command: str, e: ImportError) -> int:
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:
-    """Compile the CPU decode kernels into torch's extension cache on this host, ahead of any worker."""
+    """Compile the CPU decode kernels and the routers' expert split into torch's extension cache on
+    this host, ahead of any worker."""
     import time as clock
 
     from model.kernels import compiled
+    from protocol.expert_cost import compiled_split
 
     started = clock.monotonic()
-    print("building the CPU decode kernels for this host (~20 s the first time) ...", flush=True)
+    print("building the CPU decode kernels and the expert split for this host (~30 s the first time) ...", flush=True)
     if compiled.build() is None:
         print("error: the CPU kernels cannot be built here (see the warning above); workers will use torch's "
               "kernels, or set engine.kernels: torch", file=sys.stderr)  # fmt: skip
         return 1
-    print(f"CPU kernels ready in {clock.monotonic() - started:.1f} s (cached for every worker on this host)")
+    if compiled_split() is None:
+        print("error: the expert split cannot be built here (see the warning above); routers will split in Python",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"CPU kernels and expert split ready in {clock.monotonic() - started:.1f} s (cached for every worker "
+          "on this host)")  # fmt: skip
     return 0
 
 
@@ -313,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32", choices=list(DTYPES))
     m.set_defaults(fn=cmd_make_tiny)
 
-    bk = sub.add_parser("build-kernels", help="compile the CPU decode kernels on this host, ahead of its workers",
-                        description="Compile model/csrc into torch's extension cache (~20 s once per host), "
-                        "so that workers starting here need not: run it in setup_commands on CPU nodes.")  # fmt: skip
+    bk = sub.add_parser("build-kernels", help="compile the CPU decode kernels and the expert split on this host, "
+                        "ahead of its workers",
+                        description="Compile model/csrc and protocol/csrc into torch's extension cache (~30 s once "
+                        "per host), so that workers starting here need not: run it in setup_commands on CPU "
+                        "nodes.")  # fmt: skip
     bk.set_defaults(fn=cmd_build_kernels)
 
     pl = sub.add_parser("plan", help="show which actor goes on which node and GPU, and whether it fits",

@@ -15,8 +15,12 @@ of experts and the holders allowed them, and one max-flow gives the rows.
 Hall's condition and the bounds range over sets of replicated experts; only the sets whose groups
 form one connected piece count (where two pieces share no group, each fills on its own and the
 union needs no more than the worse of them), so they range over those (`_connected_sets`, cached
-per holder table: it changes only with the placement). A 128-sequence decode layer at E=8, G=8,
-8 redundant slots: `python -m benchmarks.split_cost`.
+per holder table: it changes only with the placement).
+
+The routers run it compiled (`protocol/csrc/expert_split.cpp`: the same search, bounds, tie-breaks
+and flow, so the same split; built on first use like the CPU kernels), tens of microseconds per
+layer where the Python (`split_pairs_python`, the reference) takes milliseconds with six
+replicated experts: `python -m benchmarks.split_cost` times both on the same loads.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.kernels import compiled
 
 SEARCH_BUDGET = 300  # nodes of the branch and bound before the best found so far stands
 ROW_UNITS = 64  # cost units per row: weights and messages are rounded to 1/64 of a row's cost
+SPLIT_SOURCE = Path(__file__).resolve().parent / "csrc" / "expert_split.cpp"
+COMPILED_MAX_GROUPS = 63  # a set of groups is a 64-bit mask there (and at most 20 replicated experts with pairs)
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,41 @@ def split_pairs(
     over shared lanes) is as short as it can be.
 
     `counts[e]`: pairs routed to expert e; `holders[e]`: the groups holding it. Returns per expert
-    the pairs each of its holders takes (in `holders` order), and the pairs per group."""
+    the pairs each of its holders takes (in `holders` order), and the pairs per group.
+
+    Computed by the compiled split (`protocol/csrc/expert_split.cpp`, the same algorithm) where it
+    is built and the sizes fit it, by `split_pairs_python` otherwise: the same answer either way."""
+    module = compiled_split()
+    if module is None or num_groups > COMPILED_MAX_GROUPS:
+        return split_pairs_python(counts, holders, num_groups, cost)
+    weight, message = cost.units()
+    try:
+        shares, per_group = module.split_pairs(counts, holders, num_groups, weight, message, cost.lanes, ROW_UNITS,
+                                               SEARCH_BUDGET)  # fmt: skip
+    except ValueError:  # more replicated experts with pairs than its masks hold, or a bad holder table
+        return split_pairs_python(counts, holders, num_groups, cost)
+    return shares, per_group
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_split() -> Any | None:
+    """The compiled split's module, built on first use on a machine (a few seconds; later processes
+    load it at once), or None where it cannot be built (the Python split serves then)."""
+    return compiled.load(SPLIT_SOURCE, "mixtral_expert_split", ["-O3"], [], "the compiled expert split")
+
+
+def _per_group(shares: Sequence[Sequence[int]], holders: Sequence[Sequence[int]], num_groups: int) -> list[int]:
+    per_group = [0] * num_groups
+    for share, held in zip(shares, holders, strict=True):
+        for n, g in zip(share, held, strict=True):
+            per_group[g] += n
+    return per_group
+
+
+def split_pairs_python(
+    counts: Sequence[int], holders: Sequence[Sequence[int]], num_groups: int, cost: ExpertCost = TOKENS
+) -> tuple[list[list[int]], list[int]]:
+    """`split_pairs` in Python: the reference the compiled split follows step for step."""
     weight, message = cost.units()
     base = [0] * num_groups  # units of what must go where it goes: experts with one holder
     used = [False] * num_groups
@@ -116,11 +160,7 @@ def split_pairs(
         rows = _flow(need, allowed, [max(0, (slowest - f) // ROW_UNITS) for f in fixed])
         for e, by_group in zip(replicated, rows, strict=True):
             shares[e] = [by_group.get(g, 0) for g in holders[e]]
-    per_group = [0] * num_groups
-    for share, held in zip(shares, holders, strict=True):
-        for n, g in zip(share, held, strict=True):
-            per_group[g] += n
-    return shares, per_group
+    return shares, _per_group(shares, holders, num_groups)
 
 
 def _charges(allowed: Sequence[Sequence[int]], base: Sequence[int], used: Sequence[bool], weight: int,

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from benchmarks import split_cost
-from cluster.backend.placement import initial_placement, plan_placement, predict_steps
+from cluster.backend.placement import initial_placement, place_experts, plan_placement, predict_steps
 from protocol.expert_cost import (
     ROW_UNITS,
     TOKENS,
     ExpertCost,
     _connected_sets,
     _least_slowest,
+    compiled_split,
     layer_seconds,
     split_pairs,
+    split_pairs_python,
 )
+from protocol.experts import holders as holders_of
 
 pytestmark = pytest.mark.unit
 
@@ -55,16 +58,36 @@ COSTS = [TOKENS, ExpertCost(weight_s=3.0, row_s=1.0, message_s=0.5), ExpertCost(
          ExpertCost(weight_s=1.0, row_s=1.0, message_s=1.0, lanes=1)]  # fmt: skip
 
 
+@pytest.mark.parametrize("split", [split_pairs, split_pairs_python], ids=["compiled", "python"])
 @pytest.mark.parametrize("seed", range(72))
-def test_the_split_is_the_min_max_optimum(seed: int) -> None:
+def test_the_split_is_the_min_max_optimum(seed: int, split: Callable[..., tuple[list[list[int]], list[int]]]) -> None:
     rng = random.Random(seed)
     counts, holders, groups = random_case(rng)
     cost = COSTS[seed % len(COSTS)]
-    shares, per_group = split_pairs(counts, holders, groups, cost)
+    shares, per_group = split(counts, holders, groups, cost)
     assert [sum(s) for s in shares] == counts and all(n >= 0 for s in shares for n in s)
     assert sum(per_group) == sum(counts)
     layer = cost.layer_time(layer_seconds(shares, holders, groups, cost))
     assert layer == pytest.approx(brute_force(counts, holders, groups, cost))
+
+
+def test_the_compiled_split_gives_the_python_split() -> None:
+    """The routers' compiled split (built here: CI has the compiler) against the Python reference on
+    placements as `rebalance` makes them, up to 16 groups and 8 replicas, every cost model shape."""
+    assert compiled_split() is not None, "the compiled split did not build"
+    rng = random.Random(7)
+    rates = [*COSTS, ExpertCost(weight_s=210e-6, row_s=0.6e-6, message_s=25e-6)]
+    for _ in range(300):
+        experts = rng.choice([4, 8])
+        groups = rng.choice([2, 3, 4, 8, 16] if experts == 8 else [2, 3, 4])
+        redundant = rng.randint(max(1, groups - experts), min(8, experts * (groups - 1)))
+        slots = split_cost._slots(groups, redundant) if experts == 8 else [
+            len(g) for g in initial_placement(experts, groups, redundant)]  # fmt: skip
+        held = holders_of(place_experts([rng.random() ** 3 for _ in range(experts)], slots), experts)
+        counts = [rng.choice([0, 1, 2, 5, 17, 64, 300, 2000]) for _ in range(experts)]
+        cost = rng.choice(rates)
+        assert split_pairs(counts, held, groups, cost) == split_pairs_python(counts, held, groups, cost), (
+            counts, held, groups, cost)  # fmt: skip
 
 
 def test_decode_sizes_concentrate_a_hot_expert_and_prefill_sizes_spread_it() -> None:
@@ -146,5 +169,7 @@ def test_halls_condition_needs_only_the_connected_sets(seed: int) -> None:
 
 
 def test_the_split_benchmark_times_every_case() -> None:
-    rows = [split_cost.measure(g, r, n, steps=3) for g, r, n in [(4, 4, 64), (8, 8, 512)]]
-    assert [row["replicated"] for row in rows] == [2, 6] and all(0 < row["median_us"] <= row["max_us"] for row in rows)
+    rows = [split_cost.measure(g, r, n, steps=3) for g, r, n in [(4, 4, 64), (8, 8, 512), (16, 8, 256)]]
+    assert [row["replicated"] for row in rows] == [2, 6, 6] and all(row["same_split"] for row in rows)
+    for name in ("compiled", "python"):
+        assert all(0 < row[f"{name}_median_us"] <= row[f"{name}_max_us"] for row in rows)

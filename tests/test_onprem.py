@@ -31,6 +31,7 @@ import yaml
 
 from model import ModelConfig
 from model.kernels import compiled
+from protocol.expert_cost import compiled_split
 from tests.helpers import random_prompts
 from tests.hosts import Hosts, unavailable
 
@@ -103,9 +104,10 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         # Every machine's environment: this Python first on PATH, its own /root and RAY_TMPDIR, and (a
         # test's impatience) Ray's nodes giving up on a lost head after 10 s instead of 60 s, and this
         # machine's build of the CPU kernels, as machines made from one image share it: the set-up's
-        # `build-kernels` finds it (the build itself is tests/test_cpu_kernels.py's; ~20 s a host).
+        # `build-kernels` finds it, the expert split's too (the builds themselves are tests/test_cpu_kernels.py's
+        # and tests/test_expert_cost.py's; ~30 s a host).
         env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
-        if (kernels := compiled.build()) is not None:
+        if (kernels := compiled.build()) is not None and compiled_split() is not None:
             env["TORCH_EXTENSIONS_DIR"] = str(Path(kernels.__file__).parent.parent)
         hosts.start_sshd(env=env)
         head, *nodes = hosts.hosts

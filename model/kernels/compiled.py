@@ -17,7 +17,8 @@ The extension is built with torch's JIT builder (g++ and ninja) into torch's ext
 keyed by the source (its text and path), the CPU's feature flags and the torch version, the first time a process
 asks for it (~20 s; later processes load it at once). `CpuKernels` asks for it when a model is
 built; where it cannot be built, `build()` returns None and the CPU kernels keep oneDNN and
-torch for everything.
+torch for everything. `load` is the builder itself, also used for the routers' expert split
+(`protocol/csrc/expert_split.cpp`).
 """
 
 from __future__ import annotations
@@ -40,26 +41,29 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "small_rows.cpp"
 def build() -> Any | None:
     """The compiled module (`rows_linear`, `expert_ffn`, `decode_attention`), or None if it cannot
     be built here (no compiler, no ninja, a read-only cache); once per process."""
+    logger.info("loading the CPU decode kernels (compiled on first use on a machine, ~20 s)")
+    return load(SOURCE, "mixtral_small_rows", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"], "CPU decode kernels")
+
+
+def load(source: Path, name: str, cflags: list[str], ldflags: list[str], what: str) -> Any | None:
+    """`source` built with torch's JIT builder into its extension cache under `name` and a key of
+    the source, its path, the CPU's flags and torch's version, and imported; None (and a warning
+    naming `what`) where it cannot be built."""
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     # The source's path too: torch's builder rebuilds a name whose build file names another source, so
     # two checkouts on one machine sharing a key would rebuild each other's extension every time.
-    identity = source + str(SOURCE).encode() + _cpu_flags().encode() + torch.__version__.encode()
+    identity = text + str(source).encode() + _cpu_flags().encode() + torch.__version__.encode()
     key = hashlib.sha256(identity).hexdigest()[:12]
-    logger.info("loading the CPU decode kernels (compiled on first use on a machine, ~20 s)")
     try:
         module = cpp_extension.load(
-            name=f"mixtral_small_rows_{key}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
+            name=f"{name}_{key}", sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags, verbose=False
         )
-    except Exception as e:  # the torch and oneDNN paths still work
-        logger.warning("CPU decode kernels unavailable (%s: %s); using torch's kernels", type(e).__name__, e)
+    except Exception as e:  # the callers keep a path without it
+        logger.warning("%s unavailable (%s: %s); using the fallback", what, type(e).__name__, e)
         return None
-    logger.debug("CPU decode kernels loaded (%s)", key)
+    logger.debug("%s loaded (%s)", what, key)
     return module
 
 

@@ -43,7 +43,7 @@ from cluster.backend.placement import (
 )
 from cluster.engine.core import EngineError, Executed, Report, ShardsLost
 from cluster.engine.expert_balancer import RecordedStep, layer_imbalance
-from protocol.expert_cost import ExpertCost
+from protocol.expert_cost import ExpertCost, compiled_split
 from protocol.experts import Placement
 from protocol.step import ShardBatch, StepMessage, step_messages
 from protocol.worker import Role, WorkerSetup
@@ -113,14 +113,21 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
         connect_ray(address)
 
 
-@ray.remote(num_cpus=0)
-def _build_kernels(choice: Any, device: str, dtype: torch.dtype) -> str:
-    """On the node this runs on: the kernels a worker there will select, built into torch's extension
-    cache (a no-op once built); the node's IP."""
+def _build_kernels_here(choice: Any, device: str, dtype: torch.dtype) -> str:
+    """On this node: the kernels a worker here will select and the routers' compiled split, built
+    into torch's extension cache (a no-op once built); the node's IP."""
     from model.kernels import select_kernels
 
     select_kernels(choice, device, dtype)
+    compiled_split()
+    return _node_ip()
+
+
+def _node_ip() -> str:
     return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
+_build_kernels = ray.remote(num_cpus=0)(_build_kernels_here)  # the same, on the node of a bundle
 
 
 def available_nodes() -> list[dict[str, float]]:
@@ -208,11 +215,14 @@ class RayBackend:
         pg_id = self.pg.id.hex()
         no_room_since: float | None = None
         while True:
-            while (state := ray.util.placement_group_table(self.pg).get("state")) != "CREATED":
+            while (table := ray.util.placement_group_table(self.pg)).get("state") != "CREATED":
                 now = time.monotonic()
                 if now > deadline:
                     raise EngineError(f"the placement group {pg_id} was not placed again in time")
-                no_room = state == "RESCHEDULING" and not self._room_for(i)
+                # A bundle Ray has already given a live node is on its way (its resources are reserved
+                # there, so they no longer show as free): only an unplaced one can lack room.
+                no_room = (table.get("state") == "RESCHEDULING" and not self._bundle_placed(i, table)
+                           and not self._room_for([i]))  # fmt: skip
                 no_room_since = (no_room_since or now) if no_room else None
                 if no_room_since is not None and now - no_room_since > NO_ROOM_CONFIRM_S:
                     raise EngineError(f"no room left on the cluster to place {self.specs[i].name} again "
@@ -234,11 +244,21 @@ class RayBackend:
                 ray.kill(actor, no_restart=True)
                 raise EngineError(f"{self.specs[i].name} did not start in time") from e
 
-    def _room_for(self, i: int) -> bool:
-        """Whether the cluster's free resources could hold worker `i`'s bundle again."""
+    def _room_for(self, workers: list[int]) -> bool:
+        """Whether the cluster's free resources could hold these workers' bundles again (their sum: a
+        necessary condition, so False means they cannot all be placed)."""
         assert self.pg is not None
         free = ray.available_resources()  # type: ignore[no-untyped-call]
-        return all(free.get(k, 0.0) >= v for k, v in self.pg.bundle_specs[self.bundle_offset + i].items() if v > 0)
+        need: dict[str, float] = {}
+        for i in workers:
+            for k, v in self.pg.bundle_specs[self.bundle_offset + i].items():
+                need[k] = need.get(k, 0.0) + v
+        return all(free.get(k, 0.0) >= v for k, v in need.items() if v > 0)
+
+    def _bundle_placed(self, i: int, table: dict[str, Any]) -> bool:
+        """Whether worker `i`'s bundle is on a live node in `table` (`placement_group_table`)."""
+        node = table.get("bundles_to_node_id", {}).get(self.bundle_offset + i)
+        return node in {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # type: ignore[no-untyped-call]
 
     def _build_kernels(self) -> None:
         """Phase "kernels": where workers will run the compiled CPU kernels, build them first, once per
@@ -249,12 +269,25 @@ class RayBackend:
             return
         assert self.pg is not None
         logger.info("building the CPU kernels on each host of the copy (once per host; cached after)")
+        # One task per host (the first bundle there), none on this process's own host: it builds them
+        # here, beside the tasks, where torch is already imported (a task's process starts and imports it).
+        here = ray.get_runtime_context().get_node_id()
+        placed = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        first_bundle: dict[str, int] = {}
+        for i in range(len(self.specs)):
+            first_bundle.setdefault(placed.get(self.bundle_offset + i, ""), i)
         refs = [
             _build_kernels.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=self.bundle_offset + i)).remote(
                 cfg.engine.kernels, "cpu", cfg.dtype)
-            for i in range(len(self.specs))
+            for node, i in first_bundle.items() if node != here
         ]  # fmt: skip
+        if here in first_bundle:
+            try:
+                _build_kernels_here(cfg.engine.kernels, "cpu", cfg.dtype)
+            except Exception as e:
+                raise EngineError(f"start-up phase 'kernels' failed on this host: {_first_line(e)} (engine.kernels: "
+                                  "torch avoids the build)") from e  # fmt: skip
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=KERNEL_BUILD_TIMEOUT_S)
         if pending:
             raise EngineError(
@@ -263,7 +296,7 @@ class RayBackend:
                 "launcher's setup_commands), or set engine.kernels: torch"
             )
         try:
-            hosts = sorted(set(ray.get(ready)))
+            hosts = sorted(set(ray.get(ready)) | ({_node_ip()} if here in first_bundle else set()))
         except RayError as e:
             raise EngineError(f"start-up phase 'kernels' failed: {_first_line(e)} (engine.kernels: torch avoids "
                               "the build)") from e  # fmt: skip
@@ -374,11 +407,12 @@ class RayBackend:
 
         Once one worker has failed, the others have `UNREACHABLE_GRACE_S` to answer. A worker still
         silent then whose host has lost its Ray (`_host_state` "gone": a crash Ray has not yet noticed) is
-        waited for up to `DEAD_VERDICT_S` more, until Ray calls it dead, then replaced. One whose host does not
-        answer at all is on a host the engine cannot reach (partitioned, or powered off): its bundle
-        cannot be moved while Ray holds the host alive, so the copy is given up at once
-        (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not after
-        `step_timeout_s`.
+        waited for up to `DEAD_VERDICT_S` more, until Ray calls it dead, then replaced; if the cluster
+        has no room for it, the copy is given up at once instead (waiting would only delay the 503s).
+        One whose host does not answer at all is on a host the engine cannot reach (partitioned, or
+        powered off): its bundle cannot be moved while Ray holds the host alive, so the copy is given
+        up at once (`EngineError`: its requests get 503 and Serve starts a copy on what is left), not
+        after `step_timeout_s`.
 
         The workers' own deadline may not hold (one blocked on a link that drops its packets), so a
         step still running `data_plane_timeout_s` + `UNREACHABLE_GRACE_S` after it began has its
@@ -392,6 +426,7 @@ class RayBackend:
         deadline, awaiting_verdict = step_deadline, False
         probe_at = began + self.setup.config.cluster.data_plane_timeout_s + UNREACHABLE_GRACE_S
         unreachable: list[Any] = []
+        no_room: list[int] = []
         while pending:
             until = min(deadline, probe_at)
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(until - time.monotonic(), 0.0))
@@ -408,7 +443,12 @@ class RayBackend:
                 known = ray.nodes() if peer_failed and not awaiting_verdict else []  # type: ignore[no-untyped-call]
                 if known and all(self._host_state(self.nodes[refs.index(r)], known) == "gone" for r in pending):
                     # A crash: Ray calls the host dead within its health checks and fails these steps
-                    # (on a loaded machine that can take longer than the grace); they are replaced then.
+                    # (on a loaded machine that can take longer than the grace); they are replaced then,
+                    # unless there is no room for them: then nothing is gained by waiting for the verdict.
+                    lost_workers = [refs.index(r) for r in pending]
+                    if self._verdict_pending(lost_workers, known) and not self._room_for(lost_workers):
+                        no_room = lost_workers
+                        break
                     awaiting_verdict = True
                     deadline = min(step_deadline, time.monotonic() + DEAD_VERDICT_S)
                     continue
@@ -424,6 +464,11 @@ class RayBackend:
             silent = [self.specs[refs.index(r)] for r in pending]
             self.shutdown()
             names = ", ".join(s.name for s in silent)
+            if no_room:
+                raise EngineError(
+                    f"the host of worker {names} lost its Ray and there is no room left to place "
+                    f"{'it' if len(no_room) == 1 else 'them'} again: the copy is given up"
+                )
             if unreachable:
                 lost = ", ".join(self.specs[refs.index(r)].name for r in unreachable)
                 raise EngineError(
@@ -452,6 +497,12 @@ class RayBackend:
                 errors[self.specs[i].name] = o
             results.append(None)
         return results, dead, errors
+
+    def _verdict_pending(self, workers: list[int], known: list[dict[str, Any]]) -> bool:
+        """Whether Ray still holds alive (in `known`, `ray.nodes()`) every host of these workers: none
+        of their bundles is being placed again yet, so the free resources are all there is."""
+        alive = {n["NodeID"] for n in known if n["Alive"]}
+        return all(self.nodes[i] in alive for i in workers)
 
     @staticmethod
     def _host_state(node_id: str, known: list[dict[str, Any]]) -> Literal["up", "gone", "unreachable", "unknown"]:

@@ -168,13 +168,19 @@ class Search {
     return allowed;
   }
 
+  // `charges`, and the most units a paying group carries before rows: a floor on the layer's time.
+  Units charged(const std::vector<Groups>& allowed, std::vector<Units>& fixed, std::vector<char>& paying) const {
+    charges(allowed, fixed, paying);
+    Units most = 0;
+    for (int g = 0; g < groups_; ++g)
+      if (paying[g]) most = std::max(most, fixed[g]);
+    return most;
+  }
+
   Units value(const std::vector<Groups>& allowed) {
     std::vector<Units> fixed;
     std::vector<char> paying;
-    charges(allowed, fixed, paying);
-    Units slowest = 0;
-    for (int g = 0; g < groups_; ++g)
-      if (paying[g]) slowest = std::max(slowest, fixed[g]);
+    Units slowest = charged(allowed, fixed, paying);
     std::vector<Mask> masks;
     for (const Groups& a : allowed) masks.push_back(mask_of(a));
     std::vector<Units> levels;
@@ -196,10 +202,7 @@ class Search {
     const int k = static_cast<int>(chosen.size());
     std::vector<Units> fixed;
     std::vector<char> paying;
-    charges(chosen, fixed, paying);
-    Units bound = 0;
-    for (int g = 0; g < groups_; ++g)
-      if (paying[g]) bound = std::max(bound, fixed[g]);
+    Units bound = charged(chosen, fixed, paying);
     std::vector<int> order(groups_);  // groups by fixed units, so each set's levels come out sorted
     for (int g = 0; g < groups_; ++g) order[g] = g;
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return fixed[a] < fixed[b]; });

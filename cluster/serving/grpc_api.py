@@ -14,7 +14,7 @@ from cluster.proto import inference_pb2
 from cluster.serving.config import ServingSection
 from cluster.serving.messages import TokenizeCall
 from cluster.serving.openai_protocol import APIError
-from cluster.serving.streams import HEALTH_TIMEOUT_S, ModelCopies, Started, parse, refused, validated
+from cluster.serving.streams import HEALTH_TIMEOUT_S, ModelCopies, Started, Tally, parse, refused, validated
 
 pb: Any = inference_pb2  # generated module: its message classes are made at import time
 
@@ -29,7 +29,7 @@ class GrpcApi:
     async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
         try:
             started = await self._grpc_start(request, grpc_context)
-            (c,), _ = await self.copies.collect(started, 1, echo=False)
+            (c,) = (await self.copies.collect(started, 1, echo=False)).choices()
         except APIError as e:
             _grpc_error(grpc_context, e)
             return pb.GenerateResponse()
@@ -41,14 +41,14 @@ class GrpcApi:
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
         try:
             started = await self._grpc_start(request, grpc_context)
-            completion = 0
-            async for _, u in self.copies.merged(started):
-                completion += len(u.token_ids)
+            tally = Tally(1, echo=False)
+            async for s, u in self.copies.merged(started):
+                tally.add(s, u)
                 last = bool(u.finish_reason)
                 yield pb.GenerateResponse(
                     text=u.text, token_ids=u.token_ids, finish_reason=u.finish_reason or "",
                     model=self.copies.model_name,
-                    usage=_usage_pb(started[0].head.prompt_tokens, completion) if last else None,
+                    usage=_usage_pb(started[0].head.prompt_tokens, tally.completion_tokens) if last else None,
                 )  # fmt: skip
         except APIError as e:
             # A stream's status reaches the client only through an exception once the code is set.

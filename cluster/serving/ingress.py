@@ -25,11 +25,11 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.serving.config import ServeConfig
 from cluster.serving.grpc_api import GrpcApi
-from cluster.serving.messages import Logprob, TokenizeCall
+from cluster.serving.messages import TokenizeCall
 from cluster.serving.metrics import Metrics
 from cluster.serving.openai_protocol import APIError, CompletionRequest
 from cluster.serving.openai_responses import Reply, usage
-from cluster.serving.streams import HEALTH_TIMEOUT_S, ModelCopies, Started, parse, refused, validated
+from cluster.serving.streams import HEALTH_TIMEOUT_S, ModelCopies, Started, Tally, parse, refused, validated
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +143,14 @@ class Ingress:
         echo = isinstance(req, CompletionRequest) and req.echo
         reply = Reply(request_id, self.model_name, started[0].head.replica, chat, wants_logprobs, echo)
         if req.streamed:
-            sse = self._sse(started, reply, prompt_tokens, req.include_usage)
+            sse = self._sse(started, reply, Tally(req.choices, echo), prompt_tokens, req.include_usage)
             return StreamingResponse(sse, media_type="text/event-stream")
         try:
-            choices, cached = await self.copies.collect(started, req.choices, echo)
+            tally = await self.copies.collect(started, req.choices, echo)
         except APIError as e:
             return _error(e, retry)
-        completion = sum(len(c.token_ids) for c in choices)
-        return JSONResponse(reply.full(choices, usage(prompt_tokens, completion, cached)))
+        body = reply.full(tally.choices(), usage(prompt_tokens, tally.completion_tokens, tally.cached_tokens))
+        return JSONResponse(body)
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         limit = self.serving.max_body_bytes
@@ -166,25 +166,16 @@ class Ingress:
         return data
 
     async def _sse(
-        self, started: list[Started], reply: Reply, prompt_tokens: int, include_usage: bool
+        self, started: list[Started], reply: Reply, tally: Tally, prompt_tokens: int, include_usage: bool
     ) -> AsyncIterator[str]:
-        completion, cached = 0, {}
-        opened: set[int] = set()
-        prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt, for its choices' echo
         try:
             async for s, u in self.copies.merged(started):
-                index = s.first_index + u.index
-                completion += len(u.token_ids)
-                cached[s.first_index] = u.cached_tokens
-                if u.prompt_logprobs is not None:
-                    prompt_logprobs[s.first_index] = u.prompt_logprobs
-                if index not in opened:  # a choice's first chunk: chat's role, a completion's echo
-                    opened.add(index)
+                index, first = tally.add(s, u)
+                if first:  # a choice's first chunk: chat's role, a completion's echo
                     if reply.chat:
                         yield _sse(reply.chunk(index, delta={"role": "assistant", "content": ""}))
                     elif reply.echo:
-                        echo = prompt_logprobs.get(s.first_index, [])
-                        yield _sse(reply.chunk(index, text=s.head.prompt_text, prompt=echo))
+                        yield _sse(reply.chunk(index, text=s.head.prompt_text, prompt=tally.prompt_logprobs(s)))
                 if u.tool_calls:  # OpenAI's deltas: a call's index, id and name first, then its arguments
                     for i, call in enumerate(u.tool_calls):
                         head = call.openai(i) | {"function": {"name": call.name, "arguments": ""}}
@@ -198,7 +189,7 @@ class Ingress:
             yield _sse(e.body())
             return
         if include_usage:
-            yield _sse(reply.usage_chunk(usage(prompt_tokens, completion, sum(cached.values()))))
+            yield _sse(reply.usage_chunk(usage(prompt_tokens, tally.completion_tokens, tally.cached_tokens)))
         yield "data: [DONE]\n\n"
 
     # ---- gRPC: Serve calls the methods named as inference.proto's RPCs -------------------------

@@ -124,20 +124,51 @@ class ModelCopies:
             for t in tasks:
                 t.cancel()
 
-    async def collect(self, started: list[Started], n: int, echo: bool) -> tuple[list[Choice], int]:
-        """Every choice of every prompt, whole; and the prompt tokens served from the prefix cache."""
-        choices: dict[int, Choice] = {}
-        prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt (its first choice's index)
-        cached: dict[int, int] = {}
+    async def collect(self, started: list[Started], n: int, echo: bool) -> Tally:
+        """Every update of every prompt, added up: the whole reply's choices and counts."""
+        tally = Tally(n, echo)
         async for s, u in self.merged(started):
-            index = s.first_index + u.index
-            choices.setdefault(index, Choice(index, echo=s.head.prompt_text if echo else "")).add(u)
-            if u.prompt_logprobs is not None:
-                prompt_logprobs[s.first_index] = u.prompt_logprobs
-            cached[s.first_index] = u.cached_tokens
-        for c in choices.values():  # every choice of a prompt shows that prompt's logprobs
-            c.prompt_logprobs = prompt_logprobs.get(c.index - c.index % n, [])
-        return list(choices.values()), sum(cached.values())
+            tally.add(s, u)
+        return tally
+
+
+class Tally:
+    """What a request's updates add up to; the one accumulator of the streamed and the whole reply
+    (HTTP and gRPC): each choice, the completion tokens, the prompt tokens served from the prefix
+    cache, and each prompt's logprobs (every choice of a prompt shows them)."""
+
+    def __init__(self, n: int, echo: bool) -> None:
+        self.n, self.echo = n, echo
+        self.completion_tokens = 0
+        self._choices: dict[int, Choice] = {}
+        self._cached: dict[int, int] = {}  # per prompt (its first choice's index)
+        self._prompt_logprobs: dict[int, list[Logprob]] = {}  # per prompt
+
+    def add(self, s: Started, u: Update) -> tuple[int, bool]:
+        """Count `u` in: its choice's index, and whether it is that choice's first update."""
+        index = s.first_index + u.index
+        self.completion_tokens += len(u.token_ids)
+        self._cached[s.first_index] = u.cached_tokens
+        if u.prompt_logprobs is not None:
+            self._prompt_logprobs[s.first_index] = u.prompt_logprobs
+        first = index not in self._choices
+        if first:
+            self._choices[index] = Choice(index, echo=s.head.prompt_text if self.echo else "")
+        self._choices[index].add(u)
+        return index, first
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached.values())
+
+    def prompt_logprobs(self, s: Started) -> list[Logprob]:
+        return self._prompt_logprobs.get(s.first_index, [])
+
+    def choices(self) -> list[Choice]:
+        """The choices so far, each with its prompt's logprobs."""
+        for c in self._choices.values():
+            c.prompt_logprobs = self._prompt_logprobs.get(c.index - c.index % self.n, [])
+        return list(self._choices.values())
 
 
 async def _head(gen: Any) -> Head | Failure:

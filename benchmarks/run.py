@@ -24,11 +24,11 @@ import torch
 
 from benchmarks import breakdown, latency, prefix_cache, report, roofline, skewed, structured, throughput
 from benchmarks.args import FULL, QUICK, bench_parser
-from benchmarks.workload import ensure_checkpoint, mixed_prompts
+from benchmarks.workload import mixed_prompts
 from cluster.backend.placement import Layout
 from cluster.llm import LLM
 from model.config import ModelConfig, torch_dtype
-from protocol.config import Transport
+from protocol.config import Transport, ensure_checkpoint
 
 logger = logging.getLogger("mixtral_cluster.bench")
 
@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_len = args.max_len or size["max_len"]
     torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)
-    ckpt = ensure_checkpoint(args.checkpoint, args.preset, args.cache_dir)
+    ckpt = ensure_checkpoint(
+        args.checkpoint or args.cache_dir / f"{args.preset}-seed0",
+        None if args.checkpoint else args.preset,
+        progress=True,
+    )
     config = ModelConfig.from_checkpoint(ckpt)
     layout = Layout(*args.layout)
     prompts = mixed_prompts(n_prompts, args.min_len, max_len, config.vocab_size)

@@ -28,10 +28,10 @@ from ray._private import state as ray_state
 from benchmarks.args import soak_parser
 from benchmarks.latency import MODEL, start_server, stop_server
 from benchmarks.report import write_json
-from benchmarks.workload import ensure_checkpoint
 from cluster.backend.placement import Layout
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
+from protocol.config import ensure_checkpoint
 
 logger = logging.getLogger("mixtral_cluster.soak")
 PROBES = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None, parsed: argparse.Namespace | None = None
     args = parsed or soak_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    ckpt = ensure_checkpoint(args.checkpoint, "tiny", args.cache_dir)
+    ckpt = ensure_checkpoint(
+        args.checkpoint or args.cache_dir / "tiny-seed0", None if args.checkpoint else "tiny", progress=True
+    )
     result = soak(ckpt, Layout(*args.layout), args.minutes * 60, args.concurrency)
     if ray.is_initialized():
         ray.shutdown()

@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from protocol import config as protocol_config
-
 FIRST_ORDINARY_TOKEN = 3  # 0..2 are <unk>, <s>, </s> in the Mistral vocabularies
 
 
@@ -22,13 +20,6 @@ def mixed_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int
     return [
         [1] + torch.randint(FIRST_ORDINARY_TOKEN, vocab, (int(length) - 1,), generator=g).tolist() for length in lengths
     ]
-
-
-def ensure_checkpoint(path: Path | None, preset: str, cache_dir: Path, seed: int = 0) -> Path:
-    """The checkpoint to run: `path` as given, else a seeded `preset` written once under `cache_dir`."""
-    if path is not None:
-        return protocol_config.ensure_checkpoint(path, None)
-    return protocol_config.ensure_checkpoint(cache_dir / f"{preset}-seed{seed}", preset, seed, progress=True)
 
 
 def skewed_copy(src: Path, dst: Path, hot: tuple[int, ...] = (6, 7), strength: float = 2.0) -> Path:

@@ -49,13 +49,6 @@ def _load(path: str | None) -> ServeConfig:
     return ServeConfig.load(path or default_config_path())
 
 
-def ensure_checkpoint(cfg: ServeConfig) -> None:
-    """The config's checkpoint, written first (with a progress bar) in local mode on a first run."""
-    if not cfg.model.checkpoint.is_dir() and cfg.model.write_if_missing:
-        print(f"writing a seeded {cfg.model.preset!r} checkpoint to {cfg.model.checkpoint} (first run only)")
-    cfg.ensure_checkpoint(progress=True)
-
-
 # ---- serve -----------------------------------------------------------------------------------
 
 
@@ -78,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serving.app import build_app
 
     cfg = _load(args.config)
-    ensure_checkpoint(cfg)
+    cfg.ensure_checkpoint(progress=True)
     srv = cfg.serving
     bundles = cfg.replica_bundles(cfg.model_shape().num_experts)
     if args.address:
@@ -123,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.llm import LLM
 
     cfg = _load(args.config)
-    ensure_checkpoint(cfg)
+    cfg.ensure_checkpoint(progress=True)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     overrides: dict[str, Any] = {"single_process": True} if args.single_process else {}
     if args.redundant_experts is not None:

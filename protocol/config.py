@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,8 @@ def ensure_checkpoint(path: Path, preset: str | None, seed: int = 0, progress: b
             "model.preset and model.write_if_missing to generate a seeded random one"
         )
     logger.info("writing a seeded %r checkpoint to %s (first run only)", preset, path)
+    if progress:  # a command's first run: say what the progress bar is for
+        print(f"writing a seeded {preset!r} checkpoint to {path} (first run only)", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:

@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.report import write_json
 from cluster.backend.placement import Layout, worker_specs
 from model.config import ModelConfig
-from model.sampling import SamplingParams
+from model.sampling import DrawParams
 from protocol.step import SeqChunk, ShardBatch, step_messages
 from protocol.worker import WorkerSpec
 
@@ -43,7 +43,7 @@ def decode_batches(shards: int, seqs: int, context: int, block_size: int, delta:
     block this step), else its whole table."""
     batches = [ShardBatch() for _ in range(shards)]
     blocks = -(-context // block_size)
-    params = SamplingParams(temperature=0.7, top_p=0.9, seed=1)
+    params = DrawParams(temperature=0.7, top_p=0.9, seed=1)
     for s in range(seqs):
         table = list(range(s * blocks, (s + 1) * blocks))
         start = (blocks - 1 if s % block_size == 0 else blocks) if delta else 0
@@ -56,7 +56,7 @@ def prefill_batches(shards: int, tokens: int, block_size: int) -> list[ShardBatc
     """One prompt of `tokens` tokens in one chunk, on shard 0 (its whole table is new)."""
     batches = [ShardBatch() for _ in range(shards)]
     table = list(range(-(-tokens // block_size)))
-    batches[0].chunks.append(SeqChunk("prompt", list(range(tokens)), 0, table, SamplingParams()))
+    batches[0].chunks.append(SeqChunk("prompt", list(range(tokens)), 0, table, DrawParams()))
     return batches
 
 

@@ -15,17 +15,17 @@ from model.generate import generate
 from model.kv_cache import CacheBatch, KVCache
 from model.loader import load_into, load_model
 from model.mixtral import Mixtral
-from model.sampling import SamplingParams, sample
+from model.sampling import DrawParams, sample
 from model.tokenizer import Tokenizer
 
 __all__ = [
     "CacheBatch",
     "Checkpoint",
     "CheckpointError",
+    "DrawParams",
     "KVCache",
     "Mixtral",
     "ModelConfig",
-    "SamplingParams",
     "Tokenizer",
     "generate",
     "load_into",

@@ -13,23 +13,26 @@ import torch
 
 from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import DrawParams, make_generator, sample
 
 
 @torch.inference_mode()
 def generate(
     model: Mixtral,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
+    params: DrawParams,
+    max_tokens: int = 16,
     eos_id: int | None = 2,
     block_size: int = 16,
 ) -> list[list[int]]:
     """New token ids for each prompt (stopping at `eos_id`, which is kept, or `max_tokens`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
-    blocks_per_seq = [math.ceil((len(p) + params.max_tokens) / block_size) for p in prompts]
+    blocks_per_seq = [math.ceil((len(p) + max_tokens) / block_size) for p in prompts]
     cache = KVCache.allocate(model.config, sum(blocks_per_seq), block_size, dtype, device)
     starts = [sum(blocks_per_seq[:i]) for i in range(len(prompts))]
     tables = [list(range(s, s + n)) for s, n in zip(starts, blocks_per_seq, strict=True)]
@@ -52,7 +55,7 @@ def generate(
             outputs[i].append(tok)
             next_pos = positions[i][-1] + 1
             tokens[i], positions[i] = [tok], [next_pos]
-            if tok != eos_id and len(outputs[i]) < params.max_tokens:
+            if tok != eos_id and len(outputs[i]) < max_tokens:
                 still.append(i)
         active = still
     return outputs

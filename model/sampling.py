@@ -21,12 +21,12 @@ GREEDY_BELOW = 1e-5  # temperatures under this are greedy: logits / 1e-40 overfl
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a token's bias: -100 bans it, +100 all but forces it
 
 
-class SamplingParams(BaseModel):
-    """How to pick tokens for one request."""
+class DrawParams(BaseModel):
+    """How to draw one token of a request from its logits (the request's other settings, its length
+    and stopping rules, live with the engine's `SamplingParams`, which extends these)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_tokens: int = Field(default=16, gt=0)
     temperature: float = Field(default=1.0, ge=0.0)  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # 0 = no top-k cut
@@ -83,7 +83,7 @@ def allowed_tokens(bitmask: bytes, vocab: int, device: torch.device | str) -> to
 
 def adjust(
     logits: torch.Tensor,
-    params: SamplingParams,
+    params: DrawParams,
     output: Sequence[int] = (),
     prompt: Sequence[int] = (),
     banned: Sequence[int] = (),
@@ -112,7 +112,7 @@ def adjust(
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def sample(logits: torch.Tensor, params: DrawParams, generator: torch.Generator) -> int:
     """One token id from logits [V] (computed in fp32 whatever the model dtype)."""
     logits = logits.float()
     if params.greedy:

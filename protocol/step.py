@@ -30,7 +30,7 @@ import torch
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import CacheBatch, KVCache
-from model.sampling import SamplingParams, adjust, allowed_tokens, make_generator, sample
+from model.sampling import DrawParams, adjust, allowed_tokens, make_generator, sample
 from protocol.worker import WorkerSpec
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class SeqChunk:
     # Its block table from entry `blocks_from` on (the shard keeps the entries before from earlier
     # steps: `ShardRunner.begin`); the whole table the first time, then what changed.
     new_blocks: list[int]
-    params: SamplingParams | None  # set when the chunk ends the sequence: sample a token
+    params: DrawParams | None  # set when the chunk ends the sequence: sample a token
     logprobs: int | None = None  # report each sampled token's logprob with this many alternatives
     prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
     next_token: int | None = None  # the prompt token after the chunk, scored from its last row

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 import torch
 
-from model import ModelConfig, SamplingParams, generate, load_model
+from model import DrawParams, ModelConfig, generate, load_model
 
 # The test grid's base: tiny, but with a small vocabulary so that transformers runs fast too.
 GRID_BASE = ModelConfig.preset("tiny").model_copy(update={"vocab_size": 512})
@@ -61,7 +61,7 @@ def grid_config(**update: Any) -> ModelConfig:
 def reference_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy continuations from the one-process reference generator (no eos stop)."""
     model = load_model(path)
-    return generate(model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), eos_id=None)
+    return generate(model, prompts, DrawParams(temperature=0.0), max_tokens=max_tokens, eos_id=None)
 
 
 def random_prompts(n: int, seed: int, low: int = 1, high: int = 40, vocab: int = 32768) -> list[list[int]]:

@@ -18,7 +18,7 @@ from model.kernels import CudaKernels, TorchKernels, select_kernels
 from model.kernels.triton_attention import paged_decode_attention
 from model.loader import load_model
 from model.moe import ExpertFFN
-from model.sampling import SamplingParams
+from model.sampling import DrawParams
 from tests.helpers import ENGINE_CONFIG, random_prompts
 
 pytestmark = pytest.mark.unit
@@ -118,11 +118,11 @@ def test_a_model_on_the_gpu_kernels_generates_what_the_reference_does(checkpoint
     same greedy tokens, and logits within float32 summation-order noise."""
     path = checkpoint_factory(ENGINE_CONFIG, seed=3)
     prompts = random_prompts(3, seed=5, low=4, high=30)
-    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    greedy = DrawParams(temperature=0.0)
     out = {}
     for kernels in (TorchKernels(), CudaKernels()):
         model = load_model(path, device=DEVICE, kernels=kernels)
-        out[kernels.name] = generate(model, prompts, greedy, eos_id=None)
+        out[kernels.name] = generate(model, prompts, greedy, 6, eos_id=None)
         tokens, positions = torch.tensor(prompts[0], device=DEVICE), torch.arange(len(prompts[0]), device=DEVICE)
         with torch.inference_mode():
             out[kernels.name + " logits"] = model(tokens, positions, [len(prompts[0])])

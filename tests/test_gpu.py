@@ -120,7 +120,7 @@ def test_preemption_and_a_sliding_window_on_cuda(ckpt: Path) -> None:
     prompts = random_prompts(60, seed=9, low=1, high=40)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     model = load_model(ckpt, device=CUDA)
-    reference = generate(model, prompts, params, eos_id=None)
+    reference = generate(model, prompts, params.draw_params(), params.max_tokens, eos_id=None)
     with LLM(ckpt, single_process=True, device=CUDA, block_size=4, num_blocks=24, max_batched_tokens=64,
              max_seqs=32) as llm:  # fmt: skip
         outs = llm.generate(prompts, params)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from model import SamplingParams, generate, load_model
+from model import DrawParams, generate, load_model
 from tests.helpers import grid_config
 
 pytestmark = pytest.mark.unit
@@ -68,7 +68,7 @@ def test_greedy_generation_equals_transformers_generate(checkpoint_factory, wind
     hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist() for n in (11, 2, 7)]
-    outs = generate(ours, prompts, SamplingParams(max_tokens=32, temperature=0.0), eos_id=None)
+    outs = generate(ours, prompts, DrawParams(temperature=0.0), max_tokens=32, eos_id=None)
     for prompt, out in zip(prompts, outs, strict=True):
         ref = hf.generate(
             torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0

@@ -16,7 +16,7 @@ from typing import Any
 from cluster.engine.request import FinishReason, RequestFailed, RequestOutput, SamplingParams
 from cluster.engine.sequence import Sequence as SchedSeq
 from cluster.engine.structured import Grammar
-from model.sampling import SamplingParams as ModelSamplingParams
+from model.sampling import DrawParams
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from protocol.step import Draw, Sampled, TokenLogprobs
 
@@ -54,7 +54,7 @@ class RequestState:
     choices: dict[int, Choice]  # live choices by index
     pending: list[Draw]  # choices still to fork from choice 0 once its prompt is computed
     unfinished: int  # choices not done, pending ones included
-    draw: ModelSamplingParams  # `params.draw_params()`, what each draw's chunk carries
+    draw: DrawParams  # `params.draw_params()`, what each draw's chunk carries
     grammar: Grammar | None = None
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
 

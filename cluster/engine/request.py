@@ -11,14 +11,15 @@ from typing import Literal
 from pydantic import Field
 
 from cluster.engine.structured import StructuredOutput
-from model.sampling import SamplingParams as ModelSamplingParams
+from model.sampling import DrawParams
 from protocol.step import MAX_TOP_LOGPROBS, TokenLogprobs
 
 FinishReason = Literal["stop", "length", "abort"]
 
 
-class SamplingParams(ModelSamplingParams):
-    """Per-request generation settings (the model-level ones plus choices, logprobs and stopping rules)."""
+class SamplingParams(DrawParams):
+    """Per-request generation settings: how to draw a token (`DrawParams`, what a shard gets) plus the
+    length, choices, logprobs, stopping rules and grammar, which stay with the engine."""
 
     max_tokens: int = Field(default=16, ge=0)  # 0: score the prompt only (needs prompt_logprobs)
     n: int = Field(default=1, ge=1)  # choices, sharing the prompt's KV blocks; choice i draws with seed + i
@@ -31,9 +32,9 @@ class SamplingParams(ModelSamplingParams):
     bad_token_ids: list[int] = Field(default_factory=list)  # never drawn (a tool call's token under tool_choice none)
     structured: StructuredOutput | None = None  # the output must match this grammar (compiled by the caller)
 
-    def draw_params(self) -> ModelSamplingParams:
-        """What a shard needs to draw (sent with every step; stop rules and the grammar stay here)."""
-        return ModelSamplingParams(**self.model_dump(include=set(ModelSamplingParams.model_fields) - {"max_tokens"}))
+    def draw_params(self) -> DrawParams:
+        """What a shard needs to draw (stop rules and the grammar stay here)."""
+        return DrawParams(**self.model_dump(include=set(DrawParams.model_fields)))
 
 
 class RequestFailed(RuntimeError):

@@ -19,7 +19,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from cluster.backend.placement import Layout, worker_setup
 from cluster.engine.block_pool import blocks_for_budget
 from cluster.engine.core import Backend, Engine, EngineError, LocalBackend
-from cluster.engine.request import RequestError, RequestFailed, RequestOutput, SamplingParams
+from cluster.engine.request import CheckedRequest, RequestError, RequestFailed, RequestOutput, SamplingParams
 from cluster.engine.structured import Grammar, GrammarError, Grammars
 from model.config import ModelConfig
 from model.kernels import CudaKernels
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 MAINTENANCE_S = 0.05  # how often an idle engine loop tends to a re-placement under way
 OnOutput = Callable[[RequestOutput], None]
-Submission = tuple[str, list[int], SamplingParams, OnOutput, Grammar | None]  # id, prompt, params, callback, grammar
+Submission = tuple[str, CheckedRequest, OnOutput, Grammar | None]  # id, request, callback, grammar
 
 
 class EngineLoop:
@@ -63,23 +62,22 @@ class EngineLoop:
         self.engine = made.result()
 
     def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, on_output: OnOutput,
-        grammar: Grammar | None = None,
-    ) -> concurrent.futures.Future[None]:  # fmt: skip
-        """Queue a request; the future fails with RequestError (bad request) or EngineError (engine down)."""
-        return self.submit_all([(request_id, prompt, params, on_output, grammar)])[0]
+        self, request_id: str, request: CheckedRequest, on_output: OnOutput, grammar: Grammar | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Queue a request; the future fails with RequestError (an id in use) or EngineError (engine down)."""
+        return self.submit_all([(request_id, request, on_output, grammar)])[0]
 
     def submit_all(self, requests: Sequence[Submission]) -> list[concurrent.futures.Future[None]]:
         """Queue requests as one command, so the first step already schedules all of them."""
         futures: list[concurrent.futures.Future[None]] = [concurrent.futures.Future() for _ in requests]
 
         def add_all() -> None:
-            for (request_id, prompt, params, on_output, grammar), fut in zip(requests, futures, strict=True):
+            for (request_id, request, on_output, grammar), fut in zip(requests, futures, strict=True):
                 if self.error is not None:
                     fut.set_exception(EngineError(self.error))
                     continue
                 try:
-                    self.engine.add_request(request_id, prompt, params, grammar)
+                    self.engine.add_request(request_id, request, grammar)
                 except Exception as e:  # RequestError, or a bug: the caller hears of it rather than waits
                     fut.set_exception(e)
                     continue
@@ -160,6 +158,7 @@ class EngineLoop:
         finally:
             with self._lock:
                 self._closed = True
+            self.engine.experts.abandon(EngineError(self.error or "the engine is shut down"))
             while not self._commands.empty():  # answer what was queued: add() refuses once error is set
                 cmd = self._commands.get_nowait()
                 if cmd is not None and cmd is not _STEP:
@@ -286,18 +285,6 @@ class LLM:
         """Text of token ids; `RequestError` (param `tokens`) when the model has no tokenizer."""
         return self._tokenizer_for("tokens").decode(token_ids)
 
-    def token_text(self, token_id: int) -> tuple[str, list[int]]:
-        """How OpenAI shows one token: its text and UTF-8 bytes ("bytes:\\x.." for a lone byte that
-        is not text, "token_id:N" for a model without a tokenizer)."""
-        if self.tokenizer is None:
-            return f"token_id:{token_id}", []
-        raw = self.tokenizer.token_bytes(token_id)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        return text, list(raw)
-
     def grammar(self, params: SamplingParams) -> Grammar | None:
         """The compiled grammar of a structured request (None for a free one); `RequestError` naming
         the field for a grammar that cannot be compiled. Compiling takes this thread, never the
@@ -337,10 +324,9 @@ class LLM:
                     if remaining == 0:
                         all_done.set()
 
+        requests = [self.check(p, params) for p in prompts]
         grammar = self.grammar(params)
-        futures = self._loop.submit_all(
-            [(rid, self.encode(p), params, on_output, grammar) for rid, p in zip(ids, prompts, strict=True)]
-        )
+        futures = self._loop.submit_all([(rid, r, on_output, grammar) for rid, r in zip(ids, requests, strict=True)])
         try:
             for f in futures:
                 f.result()
@@ -357,7 +343,7 @@ class LLM:
         return outputs
 
     async def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt | CheckedRequest, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield an update per step and choice with its new tokens/text (`index` says which choice);
         closing the iterator aborts the request."""
@@ -369,11 +355,11 @@ class LLM:
             await updates.aclose()  # aborts the request if it has not finished
 
     async def open_stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt | CheckedRequest, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Queue a request and return its updates; closing them (`aclose`) aborts the request. A
-        request that can never run raises `RequestError` here, before any update; a down engine
-        `EngineError`."""
+        """Queue a request (a prompt with its settings, or a request `check` has passed) and return its
+        updates; closing them (`aclose`) aborts the request. A request that can never run raises
+        `RequestError` here, before any update; a down engine `EngineError`."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or f"stream-{next(self._ids)}"
@@ -381,9 +367,10 @@ class LLM:
         def on_output(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(updates.put_nowait, out)
 
-        params = params or SamplingParams()
+        request = prompt if isinstance(prompt, CheckedRequest) else self.check(prompt, params)
+        params = request.params
         grammar = await asyncio.to_thread(self.grammar, params) if params.structured is not None else None
-        await asyncio.wrap_future(self._loop.submit(rid, self.encode(prompt), params, on_output, grammar))
+        await asyncio.wrap_future(self._loop.submit(rid, request, on_output, grammar))
         return self._updates(rid, updates)
 
     async def _updates(self, rid: str, updates: asyncio.Queue[RequestOutput]) -> AsyncGenerator[RequestOutput, None]:
@@ -399,10 +386,10 @@ class LLM:
             if not finished:
                 self._loop.abort(rid)
 
-    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """`RequestError` now for a request that can never run (safe from any thread: it reads
-        only the engine's fixed limits); the engine checks again when the request is queued."""
-        self.engine.check_request(prompt, params)
+    def check(self, prompt: Prompt, params: SamplingParams | None = None) -> CheckedRequest:
+        """The prompt encoded and the request checked (`Engine.check_request`, safe from any thread):
+        `RequestError` now for a request that can never run. `open_stream` takes what it returns."""
+        return self.engine.check_request(self.encode(prompt), params or SamplingParams())
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
@@ -430,19 +417,12 @@ class LLM:
         move while requests go on, and switch between two steps. Returns the placement ([layer][group]
         -> experts), the imbalance before (measured) and after (for the same load), and the expert
         weights moved. `RebalanceUnavailable` for a single-process copy."""
-        done_before = self._loop.call(lambda: self.engine.experts.rebalances)
-        self._loop.call(self.engine.experts.begin)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            report = self._loop.call(
-                lambda: self.engine.experts.last_rebalance if self.engine.experts.rebalances > done_before else None
-            )
-            if report is not None:
-                return report
-            if self.error:
-                raise EngineError(self.error)
-            time.sleep(MAINTENANCE_S)
-        raise TimeoutError(f"the re-placement did not finish within {timeout_s:.0f} s")
+        done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._loop.call(lambda: self.engine.experts.begin(done))
+        try:
+            return done.result(timeout=timeout_s)  # EngineError if the engine fails first
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the re-placement did not finish within {timeout_s:.0f} s") from None
 
     def profile(self, on: bool = True) -> None:
         """Start (or stop) recording per-step timings: the engine's and, on Ray, each worker's phases."""

@@ -98,11 +98,11 @@ def test_generate_single_process_and_on_ray_agree(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     single = cli("generate", str(path), "--prompt", "Hello", "--max-tokens", "8", "--single-process")
     assert single.returncode == 0, single.stderr
-    assert "first run only" in single.stdout and (tmp_path / "ckpt/config.json").is_file()
+    assert "first run only" in single.stderr and (tmp_path / "ckpt/config.json").is_file()
     ray = cli("generate", str(path), "--prompt", "Hello", "--max-tokens", "8")
     assert ray.returncode == 0, ray.stderr
-    assert "first run only" not in ray.stdout
-    assert ray.stdout == single.stdout.split("\n", 1)[1]  # the same text, after the first-run line
+    assert "first run only" not in ray.stderr
+    assert ray.stdout == single.stdout  # the same text (the first-run line went to stderr)
     assert "[8 tokens, finish_reason=length]" in ray.stderr
 
 

@@ -160,9 +160,9 @@ def _plan_refuses(cfg: ServeConfig, **cluster: Any) -> bool:
 
 def _largest_n(llm: LLM) -> int:
     """The most choices the engine takes: n = 5 passes its check, 6 is refused naming `n`."""
-    llm.check_request([1, 2], SamplingParams(n=5))
+    llm.check([1, 2], SamplingParams(n=5))
     with pytest.raises(RequestError) as e:
-        llm.check_request([1, 2], SamplingParams(n=6))
+        llm.check([1, 2], SamplingParams(n=6))
     assert e.value.param == "n"
     return 5
 

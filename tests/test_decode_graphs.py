@@ -81,7 +81,7 @@ def test_an_engine_stepping_through_fixed_shape_decodes_generates_the_reference(
     engine = Engine(backend, model.config, Tokenizer.for_checkpoint(ckpt, model.config.vocab_size), config, 64)
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, greedy)
+        engine.add_request(str(i), engine.check_request(p, greedy))
     done: dict[str, list[int]] = {}
     while engine.has_work:
         for out in engine.step():

@@ -28,6 +28,7 @@ from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
+from cluster.serving.messages import token_text
 from model import ModelConfig
 from tests.serve_helpers import MODEL, serving
 
@@ -77,7 +78,7 @@ def test_completion_logprobs_have_openais_legacy_shape(client: openai.OpenAI, re
     ours = reference.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0, logprobs=2))[0]
     assert ours.logprobs is not None
     assert lp.token_logprobs == pytest.approx([e.logprob for e in ours.logprobs], abs=1e-5)
-    assert lp.tokens == [reference.token_text(t)[0] for t in ours.token_ids]
+    assert lp.tokens == [token_text(reference.tokenizer, t)[0] for t in ours.token_ids]
     assert "".join(lp.tokens) == choice.text  # greedy text, word marks as spaces
     for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True):
         assert len(top) == 2 and max(top.values()) == pytest.approx(chosen)  # greedy: the chosen is the top one

@@ -1,18 +1,20 @@
 """The engine: requests in, tokens and text out, one `step` at a time.
 
-It owns the requests' lifecycle and the scheduler (with its block tables); a `Backend` runs each
-step's batches (one per attention shard) and returns the sampled tokens; its `OutputProcessor`
-turns them into text and reports (`cluster.engine.output_processor`), its `ExpertBalancer` keeps the
-experts' load and re-places them (`cluster.engine.expert_balancer`). Requests are `cluster.engine.request`'s.
+It schedules and steps: it owns the scheduler (with its block tables) and builds each step's
+messages; a `Backend` runs each step's batches (one per attention shard) and returns the sampled
+tokens; its `OutputProcessor` holds the requests and their choices and turns the tokens into text
+and reports (`cluster.engine.output_processor`), its `ExpertBalancer` keeps the experts' load and
+re-places them (`cluster.engine.expert_balancer`). Requests are `cluster.engine.request`'s.
 `LocalBackend` runs `model.Mixtral` in this process (the fast CPU path and the baseline);
 `cluster.backend.ray_backend.RayBackend` runs the same step over Ray actors. The engine is synchronous and
 single-threaded; `cluster.llm.LLM` drives it from a background thread for streaming.
 
-`Engine.add_request` is the one place a request is checked: anything that can never run raises
-`RequestError`, which names the OpenAI field (`param`) to blame.
+`Engine.check_request` is the one place a request is checked: anything that can never run raises
+`RequestError`, which names the OpenAI field (`param`) to blame; what passes is a `CheckedRequest`,
+the only thing `add_request` takes.
 
 A constrained request (`SamplingParams.structured`) comes with its compiled `Grammar`; each of
-its choices keeps a matcher here, beside its tokens, and every draw carries the matcher's
+its choices keeps a matcher in the output processor, beside its tokens, and every draw carries the matcher's
 allowed-token bitmask to the shard that samples it.
 """
 
@@ -27,9 +29,10 @@ from typing import Any, Literal, Protocol
 import torch
 
 from cluster.engine.expert_balancer import ExpertBalancer, Placer, RecordedStep
-from cluster.engine.output_processor import Choice, OutputProcessor, RequestState
-from cluster.engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, check_token_ids
+from cluster.engine.output_processor import OutputProcessor
+from cluster.engine.request import CheckedRequest, RequestError, RequestOutput, SamplingParams, check_token_ids
 from cluster.engine.scheduler import Chunk, Scheduler
+from cluster.engine.sequence import Sequence as SchedSeq
 from cluster.engine.structured import Grammar, bitmask
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
@@ -37,7 +40,7 @@ from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
 from protocol.config import EngineSection, LLMConfig
 from protocol.expert_cost import TOKENS
-from protocol.step import Draw, Sampled, SeqChunk, ShardBatch, ShardRunner, TokenLogprobs
+from protocol.step import Sampled, SeqChunk, ShardBatch, ShardRunner
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +172,8 @@ class Engine:
         self.settings = settings
         self.eos_id = tokenizer.eos_id if tokenizer is not None else EOS_WITHOUT_TOKENIZER
         self.max_model_len = settings.context_length(config)
-        self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_model_len)
+        self.outputs = OutputProcessor(tokenizer, self.eos_id, self.max_model_len, self)
         self.scheduler = Scheduler.of(settings, backend.num_shards, blocks_per_shard, config.sliding_window)
-        self.requests: dict[str, RequestState] = {}
-        self._choices: dict[str, tuple[RequestState, Choice]] = {}  # by sequence id
         interval = llm_config.cluster.rebalance_interval_s
         self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, interval)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
@@ -186,30 +187,23 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(
-        self, request_id: str, prompt: Sequence[int], params: SamplingParams, grammar: Grammar | None = None
-    ) -> None:
-        """Queue a request; `RequestError` for one that can never run (empty, too long, bad token ids,
-        more KV blocks than a shard has, settings out of range). A request with `params.structured`
-        comes with its compiled `grammar` (`cluster.engine.structured.Grammars.compile`, off this thread)."""
-        choice_ids = [request_id] + [_choice_id(request_id, i) for i in range(1, params.n)]
-        if request_id in self.requests or any(c in self._choices for c in choice_ids):
+    def add_request(self, request_id: str, request: CheckedRequest, grammar: Grammar | None = None) -> None:
+        """Queue a checked request (`check_request`); `RequestError` for an id in use. A request with
+        `params.structured` comes with its compiled `grammar` (`cluster.engine.structured.Grammars.compile`,
+        off this thread)."""
+        params = request.params
+        if self.outputs.in_use(request_id, params.n):
             raise RequestError(f"request id {request_id!r} is already in use", code="duplicate_request_id")
-        self.check_request(prompt, params, request_id)
         if (grammar.spec if grammar is not None else None) != params.structured:
             param = params.structured.param if params.structured is not None else None
             raise RequestError("params.structured needs its compiled grammar (Grammars.compile), and only it", param)
         reuse = params.prompt_logprobs is None  # every prompt position must be computed to be scored
-        seq = self.scheduler.add(request_id, list(prompt), params.max_tokens, reuse=reuse)
-        forks = [Draw(cid, None if params.seed is None else params.seed + i) for i, cid in enumerate(choice_ids)]
-        first = Choice(seq, 0, self.outputs.decoder(prompt), grammar.matcher() if grammar is not None else None)
-        draw = params.draw_params()
-        req = RequestState(request_id, list(prompt), params, {0: first}, forks[1:], params.n, draw, grammar)
-        self.requests[request_id] = req
-        self._choices[request_id] = (req, first)
+        seq = self.scheduler.add(request_id, request.prompt, params.max_tokens, reuse=reuse)
+        self.outputs.add(request_id, request, seq, grammar)
 
-    def check_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str = "") -> None:
-        """`RequestError` for a prompt and settings this engine can never run; reads fixed limits only."""
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> CheckedRequest:
+        """The request, checked: `RequestError` for a prompt and settings this engine can never run.
+        Reads fixed limits only, so any thread may call it."""
         if not prompt:
             raise RequestError("prompt is empty", "prompt")
         if params.stop and self.tokenizer is None:
@@ -241,17 +235,28 @@ class Engine:
                 "context_length_exceeded",
             )
         try:
-            self.scheduler.check_fits(request_id or "this request", len(prompt) + params.max_tokens)
+            self.scheduler.check_fits("this request", len(prompt) + params.max_tokens)
         except ValueError as e:  # more KV blocks than a shard holds
             raise RequestError(str(e), "max_tokens") from e
+        return CheckedRequest(list(prompt), params)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request, every choice of it, now: its blocks are free for the next step."""
-        req = self.requests.get(request_id)
-        if req is None:
-            return []
-        req.drop_pending()
-        return [self._finish(req, choice, "abort") for choice in list(req.choices.values())]
+        return self.outputs.abort(request_id)
+
+    # ---- a choice's sequence, for the output processor (`Sequences`) --------------------------
+
+    def fork_sequence(self, seq: SchedSeq, seq_id: str) -> SchedSeq:
+        child, copy = self.scheduler.fork(seq, seq_id)
+        if copy is not None:  # its shard copies the partly filled last block before its next step
+            self._copies[child.shard].append((copy, seq_id))
+        return child
+
+    def release_sequence(self, seq: SchedSeq) -> None:
+        if seq.shard >= 0:
+            self._drops[seq.shard].append(seq.request_id)
+            self._sent[seq.shard].pop(seq.request_id, None)
+        self.scheduler.finish(seq)
 
     @property
     def has_work(self) -> bool:
@@ -281,7 +286,7 @@ class Engine:
             return []
         batches = [ShardBatch(finished=drops) for drops in self._drops]
         for batch, copies in zip(batches, self._copies, strict=True):  # for choices still alive
-            batch.copies = [pair for pair, seq_id in copies if seq_id in self._choices]
+            batch.copies = [pair for pair, seq_id in copies if seq_id in self.outputs.choices]
         self._drops = [[] for _ in range(self.backend.num_shards)]
         self._copies = [[] for _ in range(self.backend.num_shards)]
         self._mask_seconds = 0.0
@@ -302,12 +307,7 @@ class Engine:
         self.scheduler.advance(schedule.chunks)
         self.steps += 1
         results = {s.request_id: s for shard_out in result.sampled for s in shard_out}
-        outputs = []
-        for c in schedule.chunks:
-            entry = self._choices.get(c.seq.request_id)
-            sampled = results.get(c.seq.request_id)
-            if entry is not None and sampled is not None:
-                outputs += self._apply(*entry, c, sampled, results)
+        outputs = self.outputs.process([(c.seq, c.start, c.end) for c in schedule.chunks], results)
         if self.profile:
             self.step_records.append({
                 "wall": time.perf_counter() - started,  # the whole step, scheduling and detokenising included
@@ -320,7 +320,7 @@ class Engine:
         return outputs
 
     def _chunk(self, c: Chunk) -> SeqChunk:
-        req, choice = self._choices[c.seq.request_id]
+        req, choice = self.outputs.choices[c.seq.request_id]
         prompt_len = len(req.prompt)
         score = req.params.prompt_logprobs is not None and choice.index == 0 and c.start < prompt_len
         draw = c.sample and req.params.max_tokens > 0
@@ -355,93 +355,12 @@ class Engine:
                     chunk.prompt_seen = sorted(set(req.prompt))
         return chunk
 
-    def _apply(
-        self, req: RequestState, choice: Choice, c: Chunk, s: Sampled, results: dict[str, Sampled]
-    ) -> list[RequestOutput]:
-        """A step's result into its choice; a failure of this one choice ends it alone."""
-        if s.error is not None:
-            return [self._fail(req, choice, s.error)]
-        try:
-            if s.prompt_logprobs is not None:
-                self._record_prompt_logprobs(req, c.start, s.prompt_logprobs)
-            if s.token is None:  # a scored prompt chunk; the last one of a scoring-only request ends it
-                done = req.params.max_tokens == 0 and c.end == len(req.prompt)
-                return [self._finish(req, choice, "length")] if done else []
-            forked = self._fork(req, choice, results) if choice.index == 0 and req.pending else []
-            return [*forked, self._take(req, choice, s)]
-        except Exception as e:  # detokenising or stop checks of this request
-            logger.exception("request %s failed after a step", req.request_id)
-            return [self._fail(req, choice, f"{type(e).__name__}: {e}")]
-
-    def _fork(self, req: RequestState, first: Choice, results: dict[str, Sampled]) -> list[RequestOutput]:
-        """Choice 0's prompt is computed and each pending choice drew its first token from the same
-        logits: give each its own sequence, sharing the prompt's blocks."""
-        outputs = []
-        for i, draw in enumerate(req.pending, start=1):
-            s = results[draw.request_id]
-            seq, copy = self.scheduler.fork(first.seq, draw.request_id)
-            matcher = first.matcher.deep_copy() if first.matcher is not None else None  # before it takes a token
-            choice = Choice(seq, i, self.outputs.decoder(req.prompt), matcher)
-            req.choices[i] = choice
-            self._choices[draw.request_id] = (req, choice)
-            if copy is not None:
-                self._copies[seq.shard].append((copy, draw.request_id))
-            outputs.append(self._fail(req, choice, s.error) if s.error else self._take(req, choice, s))
-        req.pending = []
-        return outputs
-
-    def _take(self, req: RequestState, choice: Choice, s: Sampled) -> RequestOutput:
-        """A sampled token into its choice: the choice's report, its last if the token ends it."""
-        reason = self.outputs.accept(req, choice, s)
-        return self._finish(req, choice, reason) if reason is not None else self.outputs.report(req, choice)
-
-    def _record_prompt_logprobs(self, req: RequestState, start: int, scored: list[TokenLogprobs]) -> None:
-        """The chunk starting at `start` scored positions start+1, start+2, ...; keep the prompt's,
-        once each (a recomputed chunk scores them again)."""
-        for position, entry in enumerate(scored, start=start + 1):
-            if position == len(req.prompt_logprobs) and position < len(req.prompt):
-                req.prompt_logprobs.append(entry)
-
-    def _fail(self, req: RequestState, choice: Choice, error: str) -> RequestOutput:
-        logger.warning("request %s (choice %d) failed: %s", req.request_id, choice.index, error)
-        if choice.index == 0:  # the pending choices would fork from it
-            req.drop_pending()
-        out = self._finish(req, choice, "abort")
-        out.error = f"request {req.request_id} failed: {error}"
-        return out
-
-    def _finish(self, req: RequestState, choice: Choice, reason: FinishReason) -> RequestOutput:
-        seq = choice.seq
-        if seq.shard >= 0:
-            self._drops[seq.shard].append(seq.request_id)
-            self._sent[seq.shard].pop(seq.request_id, None)
-        self.scheduler.finish(seq)
-        del self._choices[seq.request_id]
-        req.unfinished -= 1
-        out = self.outputs.report(req, choice, reason)
-        del req.choices[choice.index]
-        if req.unfinished == 0:
-            del self.requests[req.request_id]
-        return out
-
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with `error` (the backend is gone)."""
-        outs = []
-        for req in list(self.requests.values()):
-            req.drop_pending()
-            for choice in list(req.choices.values()):
-                out = self._finish(req, choice, "abort")
-                out.error, out.engine_failed = error, True
-                outs.append(out)
-        return outs
+        return self.outputs.fail_all(error)
 
     def shutdown(self) -> None:
         self.backend.shutdown()
-
-
-def _choice_id(request_id: str, index: int) -> str:
-    """The sequence id of a request's choice `index` > 0 (choice 0's is the request's own)."""
-    return f"{request_id}#choice{index}"
 
 
 def _unchanged(sent: list[int], table: list[int]) -> int:

@@ -11,6 +11,7 @@ Shapes: L layers, E experts, G expert groups.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
@@ -76,6 +77,7 @@ class ExpertBalancer:
         self.rebalances = 0  # re-placements done (or refused)
         self.last_rebalance: dict[str, Any] | None = None
         self._placed_at = time.monotonic()
+        self._waiting: list[concurrent.futures.Future[dict[str, Any]]] = []  # for the next report
 
     def record(
         self, phase: str, expert_counts: torch.Tensor, group_tokens: torch.Tensor, group_seconds: torch.Tensor
@@ -92,17 +94,29 @@ class ExpertBalancer:
             acc[1] += self.placer.cost.ideal_time(seconds)
         acc[2] += 1
 
-    def begin(self) -> None:
+    def begin(self, done: concurrent.futures.Future[dict[str, Any]] | None = None) -> None:
         """Place the experts anew from the load since the last placement; weights move while steps go
-        on, and `maintain` switches to it between two steps."""
+        on, and `maintain` switches to it between two steps. `done` gets the re-placement's report
+        (this one's, or that of one already under way)."""
+        if not self.moving:
+            report = self.placer.begin_rebalance(
+                self.since_counts.clone(), self.since_groups.clone(), list(self.recorded)
+            )  # raises before anything waits on it (RebalanceUnavailable)
+        if done is not None:
+            self._waiting.append(done)
         if self.moving:
             return
-        report = self.placer.begin_rebalance(self.since_counts.clone(), self.since_groups.clone(), list(self.recorded))
         if report.get("refused"):  # the placement stays: done, and the load keeps being counted
             logger.info("re-placement refused: %s", report["refused"])
             self._done(report, restart=False)
         else:
             self.moving = True
+
+    def abandon(self, error: Exception) -> None:
+        """The engine stops: whoever waits for a report gets `error` instead."""
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.set_exception(error)
 
     def maintain(self) -> None:
         """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
@@ -137,6 +151,9 @@ class ExpertBalancer:
     def _done(self, report: dict[str, Any], restart: bool) -> None:
         self.rebalances += 1
         self.last_rebalance = report
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.set_result(report)
         self._placed_at = time.monotonic()
         if restart:  # a new placement: its load is counted from nothing
             self.since_counts.zero_()

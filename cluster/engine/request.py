@@ -37,6 +37,15 @@ class SamplingParams(DrawParams):
         return DrawParams(**self.model_dump(include=set(DrawParams.model_fields)))
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A prompt and settings the engine has found it can run: `Engine.check_request` makes them, the
+    one place a request is checked, and `Engine.add_request` takes nothing else."""
+
+    prompt: list[int]
+    params: SamplingParams
+
+
 class RequestFailed(RuntimeError):
     """One request failed while it ran (its sampling, its detokenising); the engine goes on."""
 

@@ -19,7 +19,7 @@ from cluster.engine.core import EngineError, RebalanceUnavailable
 from cluster.engine.request import RequestError, RequestFailed, RequestOutput, check_token_ids
 from cluster.llm import LLM
 from cluster.serving.config import ServeConfig
-from cluster.serving.messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update
+from cluster.serving.messages import Failure, GenerateCall, Head, Logprob, TokenizeCall, Update, token_text
 from cluster.serving.openai_protocol import APIError
 from cluster.serving.tool_calls import ToolCallReader, constrain
 from protocol.step import TokenLogprobs
@@ -54,7 +54,7 @@ class LLMServer:
             else:
                 assert call.prompt is not None  # GenerateCall holds one or the other
                 prompt = self.llm.encode(call.prompt)
-            self.llm.check_request(prompt, params)
+            request = self.llm.check(prompt, params)
             need = len(prompt) + params.n * params.max_tokens
             if self.demand + need > self.token_budget and self.demand > 0:
                 need = 0
@@ -62,7 +62,7 @@ class LLMServer:
                                code="overloaded")  # fmt: skip
             self.demand += need
             echoed = "" if not call.echo else call.prompt if isinstance(call.prompt, str) else self.llm.decode(prompt)
-            updates = await self.llm.open_stream(prompt, params, request_id=call.id)
+            updates = await self.llm.open_stream(request, request_id=call.id)
             try:
                 yield Head(prompt_tokens=len(prompt), replica=self.replica, prompt_text=echoed)
                 scored = False
@@ -96,10 +96,10 @@ class LLMServer:
         )  # fmt: skip
 
     def _logprob(self, token: int, entry: TokenLogprobs | None) -> Logprob:
-        text, raw = self.llm.token_text(token)
+        text, raw = token_text(self.llm.tokenizer, token)
         if entry is None:
             return Logprob(token=text, bytes=raw, logprob=None)
-        top = [(*self.llm.token_text(t), lp) for t, lp in entry.top]
+        top = [(*token_text(self.llm.tokenizer, t), lp) for t, lp in entry.top]
         return Logprob(token=text, bytes=raw, logprob=entry.logprob, top=top)
 
     def tokenize(self, call: TokenizeCall) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from cluster.engine.request import SamplingParams
 from cluster.serving.openai_protocol import APIError, ChatMessage, Tool, ToolChoice
+from model.tokenizer import Tokenizer
 
 
 class _Message(BaseModel):
@@ -53,6 +54,19 @@ class Logprob(_Message):
     bytes: list[int]  # its UTF-8 bytes
     logprob: float | None  # None: the prompt's first token (nothing predicts it)
     top: list[tuple[str, list[int], float]] = []  # (token, bytes, logprob), most likely first
+
+
+def token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:
+    """How OpenAI shows one token of a `Logprob`: its text and UTF-8 bytes ("bytes:\\x.." for a lone
+    byte that is not text, "token_id:N" for a model without a tokenizer)."""
+    if tokenizer is None:
+        return f"token_id:{token_id}", []
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text, list(raw)
 
 
 class ToolCallOut(_Message):

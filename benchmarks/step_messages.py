@@ -40,14 +40,15 @@ REPEATS = 20  # timings: the best of this many
 def decode_batches(shards: int, seqs: int, context: int, block_size: int, delta: bool) -> list[ShardBatch]:
     """One decode token of each of `seqs` sequences at `context` tokens, dealt over the shards;
     `delta`: each chunk carries only its table's new entries (one sequence in `block_size` starts a
-    block this step), else its whole table."""
+    block this step) and no draw settings (its shard keeps them), else its whole table and its settings."""
     batches = [ShardBatch() for _ in range(shards)]
     blocks = -(-context // block_size)
     params = DrawParams(temperature=0.7, top_p=0.9, seed=1)
     for s in range(seqs):
         table = list(range(s * blocks, (s + 1) * blocks))
         start = (blocks - 1 if s % block_size == 0 else blocks) if delta else 0
-        chunk = SeqChunk(f"req-{s}", [1000 + s], context - 1, table[start:], params, blocks_from=start)
+        chunk = SeqChunk(f"req-{s}", [1000 + s], context - 1, table[start:], True, None if delta else params,
+                         blocks_from=start)  # fmt: skip
         batches[s % shards].chunks.append(chunk)
     return batches
 
@@ -56,7 +57,7 @@ def prefill_batches(shards: int, tokens: int, block_size: int) -> list[ShardBatc
     """One prompt of `tokens` tokens in one chunk, on shard 0 (its whole table is new)."""
     batches = [ShardBatch() for _ in range(shards)]
     table = list(range(-(-tokens // block_size)))
-    batches[0].chunks.append(SeqChunk("prompt", list(range(tokens)), 0, table, DrawParams()))
+    batches[0].chunks.append(SeqChunk("prompt", list(range(tokens)), 0, table, True, DrawParams()))
     return batches
 
 

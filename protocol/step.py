@@ -55,31 +55,27 @@ class SeqChunk:
     # Its block table from entry `blocks_from` on (the shard keeps the entries before from earlier
     # steps: `ShardRunner.begin`); the whole table the first time, then what changed.
     new_blocks: list[int]
-    params: DrawParams | None  # set when the chunk ends the sequence: sample a token
+    sample: bool  # the chunk ends the sequence's known tokens: draw the next
+    # The draw's settings, sent the first time this shard draws for the sequence (the shard keeps
+    # them, `Sampler`), with what penalties need: the tokens drawn so far and the prompt's ids.
+    params: DrawParams | None = None
+    output: list[int] | None = None  # with params, when penalties need them
+    prompt_seen: list[int] | None = None  # with params, the prompt's distinct ids for the repetition penalty
     logprobs: int | None = None  # report each sampled token's logprob with this many alternatives
     prompt_logprobs: int | None = None  # score the chunk's prompt tokens, with this many alternatives
     next_token: int | None = None  # the prompt token after the chunk, scored from its last row
     forks: list[Draw] = field(default_factory=list)  # more choices drawn from the same last logits
     blocks_from: int = 0  # the entry of its block table `new_blocks` starts at
-    # The draw's controls (see `model.sampling.adjust`); the forks' first draws share them.
+    # This step's controls of the draw (see `model.sampling.adjust`); the forks' first draws share them.
     allowed: bytes | None = None  # a grammar's allowed tokens: bitmask, 32 tokens per little-endian int32
     banned: list[int] = field(default_factory=list)  # ids never drawn (eos before min_tokens, ...)
-    output: list[int] | None = None  # the tokens generated so far, when penalties need them
-    prompt_seen: list[int] | None = None  # the prompt's distinct ids, when the repetition penalty needs them
-
-    @property
-    def adjusted(self) -> bool:
-        """Whether its draw changes the logits first (and so cannot take the greedy fast path)."""
-        p = self.params
-        controls = p is not None and (bool(p.logit_bias) or p.penalised)
-        return controls or self.allowed is not None or bool(self.banned)
 
     @property
     def logit_rows(self) -> int:
         """Rows of this chunk whose logits the step computes: every row when it scores the prompt."""
         if self.prompt_logprobs is not None:
             return len(self.tokens)
-        return 1 if self.params is not None else 0
+        return 1 if self.sample else 0
 
 
 @dataclass
@@ -162,11 +158,49 @@ def pack(batch: ShardBatch, block_tables: list[list[int]], device: torch.device 
     )
 
 
+@dataclass
+class DrawState:
+    """A sequence's draw on its shard, kept across steps (the persistent half of a step's batch):
+    its settings, its generator (made at its first draw) and, under penalties, every token drawn."""
+
+    params: DrawParams
+    seed: int | None
+    generator: torch.Generator | None = None
+    output: list[int] | None = None  # the tokens drawn so far, kept only when penalties need them
+    prompt_seen: list[int] = field(default_factory=list)
+
+    def adjusts(self, c: SeqChunk) -> bool:
+        """Whether the draw changes the logits first (and so cannot take the greedy fast path)."""
+        p = self.params
+        return bool(p.logit_bias) or p.penalised or c.allowed is not None or bool(c.banned)
+
+    def adjusted(self, c: SeqChunk, row: torch.Tensor) -> torch.Tensor:
+        """The draw row [V] after the settings' and the chunk's controls."""
+        allowed = allowed_tokens(c.allowed, row.shape[-1], row.device) if c.allowed is not None else None
+        return adjust(row, self.params, self.output or (), self.prompt_seen, c.banned, allowed)
+
+    def took(self, token: int) -> None:
+        if self.output is not None:
+            self.output.append(token)
+
+
 class Sampler:
-    """Per-request generators, created at a request's first draw and dropped when it finishes."""
+    """Per-sequence draw state (`DrawState`): set by a chunk that carries the draw's settings, kept
+    across steps, dropped when the sequence finishes."""
 
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
+        self._states: dict[str, DrawState] = {}
+
+    def prime(self, batch: ShardBatch) -> None:
+        """Take the draw settings the batch's chunks carry (a sequence new to this shard, or one whose
+        record the engine sends again after a step it threw away); a generator already made stays."""
+        for c in batch.chunks:
+            if c.params is None:
+                continue
+            old = self._states.get(c.request_id)
+            output = list(c.output or []) if c.params.penalised else None
+            seed, gen = (old.seed, old.generator) if old is not None else (c.params.seed, None)
+            self._states[c.request_id] = DrawState(c.params, seed, gen, output, list(c.prompt_seen or []))
 
     def sample(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> list[Sampled]:
         """logits [R, V], the rows `pack` asked for; `spans` says which belong to which chunk."""
@@ -177,28 +211,45 @@ class Sampler:
                 continue
             try:  # this request's numbers, not the step's: a failure here ends it alone
                 scored = self._score_prompt(c, logits[lo:hi]) if c.prompt_logprobs is not None else None
-                if c.params is None:
+                if not c.sample:
                     out.append(Sampled(c.request_id, None, prompt_logprobs=scored))
                     continue
+                state = self._state(c.request_id)
                 if i in greedy:
+                    state.took(greedy[i])
                     out.append(Sampled(c.request_id, greedy[i], None, scored))
                     continue
                 raw = logits[hi - 1]  # [V]
-                row = _adjusted(c, raw) if c.adjusted else raw  # [V]
-                out.append(self._draw(c.request_id, c.params.seed, c, row, raw, scored))
-                out += [self._draw(d.request_id, d.seed, c, row, raw, None) for d in c.forks]
+                row = state.adjusted(c, raw) if state.adjusts(c) else raw  # [V]
+                forks = [self._fork(state, d) for d in c.forks]  # before choice 0 takes its token
+                out.append(self._draw(c.request_id, state, c, row, raw, scored))
+                out += [self._draw(d.request_id, f, c, row, raw, None) for d, f in zip(c.forks, forks, strict=True)]
             except Exception as e:
                 out.append(Sampled(c.request_id, None, error=f"sampling failed: {type(e).__name__}: {e}"))
         return out
 
-    @staticmethod
-    def _greedy_tokens(batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> dict[int, int]:
+    def _state(self, request_id: str) -> DrawState:
+        state = self._states.get(request_id)
+        if state is None:
+            raise ValueError(f"{request_id}: this shard has no draw settings for it (its first draw carries them)")
+        return state
+
+    def _fork(self, state: DrawState, d: Draw) -> DrawState:
+        """A new choice's draw state: choice 0's settings, its own seed, nothing drawn yet."""
+        output: list[int] | None = [] if state.output is not None else None
+        fork = self._states[d.request_id] = DrawState(state.params, d.seed, None, output, state.prompt_seen)
+        return fork
+
+    def _greedy_tokens(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> dict[int, int]:
         """The tokens of the chunks that draw one greedy token and report nothing else (no forks,
         no logprobs), chunk index -> token, from one argmax and one read back: on a GPU each
         `int(argmax)` would wait for the device once per sequence."""
 
         def plain_greedy(c: SeqChunk) -> bool:
-            return c.params is not None and c.params.greedy and not c.forks and c.logprobs is None and not c.adjusted
+            state = self._states.get(c.request_id)
+            if not c.sample or state is None or c.forks or c.logprobs is not None:
+                return False
+            return state.params.greedy and not state.adjusts(c)
 
         pairs = enumerate(zip(batch.chunks, spans, strict=True))
         chunks = [i for i, (c, (lo, hi)) in pairs if lo < hi and plain_greedy(c)]
@@ -211,20 +262,19 @@ class Sampler:
     def _draw(
         self,
         request_id: str,
-        seed: int | None,
+        state: DrawState,
         c: SeqChunk,
         row: torch.Tensor,
         raw: torch.Tensor,
         scored: list[TokenLogprobs] | None,
     ) -> Sampled:
-        """A token from `row` [V] (the logits after the chunk's controls); its logprobs from `raw` [V]."""
-        assert c.params is not None
-        gen = self._generators.get(request_id)
-        if gen is None:
-            gen = self._generators[request_id] = make_generator(seed, row.device)
-        if c.adjusted and not torch.isfinite(row).any():
+        """A token from `row` [V] (the logits after the controls); its logprobs from `raw` [V]."""
+        if state.generator is None:
+            state.generator = make_generator(state.seed, row.device)
+        if state.adjusts(c) and not torch.isfinite(row).any():
             raise ValueError("no token is allowed: the grammar's mask, the banned ids and logit_bias exclude all")
-        token = sample(row, c.params, gen)
+        token = sample(row, state.params, state.generator)
+        state.took(token)
         logprobs = None
         if c.logprobs is not None:
             logprobs = token_logprobs(raw[None], [token], c.logprobs)[0]
@@ -238,17 +288,10 @@ class Sampler:
 
     def drop(self, request_ids: list[str]) -> None:
         for r in request_ids:
-            self._generators.pop(r, None)
+            self._states.pop(r, None)
 
     def __len__(self) -> int:
-        return len(self._generators)
-
-
-def _adjusted(c: SeqChunk, row: torch.Tensor) -> torch.Tensor:
-    """The chunk's draw row [V] after its controls."""
-    assert c.params is not None
-    allowed = allowed_tokens(c.allowed, row.shape[-1], row.device) if c.allowed is not None else None
-    return adjust(row, c.params, c.output or (), c.prompt_seen or (), c.banned, allowed)
+        return len(self._states)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
@@ -271,8 +314,9 @@ DecodeGraphSpec = tuple["Mixtral", int, int]  # (the whole model, the longest se
 class ShardRunner:
     """One attention shard across steps: the paged KV cache of its sequences, their block tables
     (kept here and updated by each chunk's `new_blocks`, so a step carries only what changed) and
-    the sampler that keeps their generators. A step is `begin` (forget finished sequences, copy
-    forked choices' last blocks before anything writes, update the tables), then, if the shard has
+    the sampler that keeps their draw state (settings, generator, penalties' tokens: sent once). A
+    step is `begin` (forget finished sequences, copy forked choices' last blocks before anything
+    writes, take new draw settings, update the tables), then, if the shard has
     chunks, `replay` (a decode step through the decode graphs, where the shard has them) or `pack`
     and the forward (in this process, or with the MoE halves over the data plane), and
     `sampler.sample`."""
@@ -298,6 +342,7 @@ class ShardRunner:
         for request_id in batch.finished:
             self.tables.pop(request_id, None)
         self.cache.copy_blocks(batch.copies)
+        self.sampler.prime(batch)
         for c in batch.chunks:
             table = self.tables.setdefault(c.request_id, [])
             if c.blocks_from > len(table):

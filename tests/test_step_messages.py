@@ -22,7 +22,7 @@ pytestmark = pytest.mark.unit
 
 def test_each_role_gets_its_own_part() -> None:
     specs = worker_specs(Layout(attention_shards=3, routers=2, expert_groups=2), num_experts=8)
-    batches = [ShardBatch([SeqChunk(f"r{a}", [1] * (a + 2), 0, [a], None)]) for a in range(3)]
+    batches = [ShardBatch([SeqChunk(f"r{a}", [1] * (a + 2), 0, [a], False)]) for a in range(3)]
     messages = step_messages(batches, specs)
     by_name = {s.name: m for s, m in zip(specs, messages, strict=True)}
     assert [by_name[f"attention-{a}"] is batches[a] for a in range(3)] == [True] * 3
@@ -33,13 +33,13 @@ def test_each_role_gets_its_own_part() -> None:
 
 def test_a_shard_refuses_a_delta_it_cannot_apply() -> None:
     runner = ShardRunner(ModelConfig.preset("tiny"), 8, 4, torch.float32, torch.device("cpu"))
-    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [3, 4], None)]))
-    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [5], None, blocks_from=2)]))
+    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [3, 4], False)]))
+    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [5], False, blocks_from=2)]))
     assert runner.tables["a"] == [3, 4, 5]
-    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [6], None, blocks_from=1)]))  # a window freed, a preemption
+    runner.begin(ShardBatch([SeqChunk("a", [1], 0, [6], False, blocks_from=1)]))  # a window freed, a preemption
     assert runner.tables["a"] == [3, 6]
     with pytest.raises(ValueError, match="changes from entry 5, but this shard holds 2"):
-        runner.begin(ShardBatch([SeqChunk("a", [1], 0, [7], None, blocks_from=5)]))
+        runner.begin(ShardBatch([SeqChunk("a", [1], 0, [7], False, blocks_from=5)]))
     runner.begin(ShardBatch(finished=["a"]))
     assert runner.tables == {}
 
@@ -86,6 +86,51 @@ def test_the_shards_tables_follow_the_engines_through_windows_preemption_and_for
             == set(engine._drops[0])
             == {o.request_id for o in forked} | {f"{o.request_id}#choice1" for o in forked if o.index == 0}
         )
+
+
+class _Forgetful(set[str]):
+    """An engine's record of what a shard keeps that keeps nothing: every chunk carries it all."""
+
+    def add(self, item: str) -> None:
+        pass
+
+
+def test_draw_settings_travel_once_and_penalised_forked_draws_match_sending_them_every_step(ckpt: Any) -> None:
+    """The shard keeps each sequence's draw settings and, under penalties, the tokens it drew: only
+    a request's first draw carries them (its forks take choice 0's on the shard), and through
+    preemption (few blocks) and n=2 forks the seeded, penalised outputs equal an engine's that
+    sends them with every chunk."""
+    params = SamplingParams(max_tokens=12, temperature=0.05, seed=7, n=2, frequency_penalty=2.0,
+                            presence_penalty=2.0, repetition_penalty=1.3)  # fmt: skip
+    prompts = random_prompts(8, seed=9, low=4, high=24)
+
+    def run(every_chunk: bool) -> tuple[list[list[int]], int, int, int]:
+        with LLM(ckpt, single_process=True, block_size=4, num_blocks=24, max_batched_tokens=64, max_seqs=16) as llm:
+            engine: Engine = llm.engine
+            backend = engine.backend
+            assert isinstance(backend, LocalBackend)
+            if every_chunk:
+                engine._primed = [_Forgetful() for _ in engine._primed]
+            carried = drawn = 0
+            execute = backend.execute
+
+            def counting(batches: list[ShardBatch]) -> Any:
+                nonlocal carried, drawn
+                for c in (c for b in batches for c in b.chunks):
+                    carried += c.params is not None
+                    drawn += c.sample
+                return execute(batches)
+
+            backend.execute = counting  # type: ignore[method-assign]
+            outs = llm.generate(prompts, params)
+            return [o.token_ids for o in outs], carried, drawn, engine.scheduler.num_preemptions
+
+    once, carried, drawn, preemptions = run(every_chunk=False)
+    every, carried_every, drawn_every, _ = run(every_chunk=True)
+    assert preemptions > 0  # the small pool preempted some
+    assert once == every and all(len(t) == 12 for t in once)
+    assert carried == len(prompts) < drawn  # each request's first draw, nothing after
+    assert carried_every == drawn_every
 
 
 def test_the_benchmark_measures_fewer_bytes_per_role_and_fewer_again_with_deltas() -> None:

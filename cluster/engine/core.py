@@ -178,8 +178,10 @@ class Engine:
         self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, interval)
         self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
         self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
-        # Per shard, each sequence's block table as its shard has it: a chunk carries what changed.
+        # Per shard, each sequence's block table as its shard has it: a chunk carries what changed;
+        # and the sequences whose draw settings it keeps (`protocol.step.Sampler`): sent once.
         self._sent: list[dict[str, list[int]]] = [{} for _ in range(backend.num_shards)]
+        self._primed: list[set[str]] = [set() for _ in range(backend.num_shards)]
         self.steps = 0
         self.profile = False  # when set, `step_records` gets one entry per step
         self.step_records: list[dict[str, float]] = []
@@ -248,6 +250,7 @@ class Engine:
 
     def fork_sequence(self, seq: SchedSeq, seq_id: str) -> SchedSeq:
         child, copy = self.scheduler.fork(seq, seq_id)
+        self._primed[child.shard].add(seq_id)  # its shard made its draw state when it drew its first token
         if copy is not None:  # its shard copies the partly filled last block before its next step
             self._copies[child.shard].append((copy, seq_id))
         return child
@@ -256,6 +259,7 @@ class Engine:
         if seq.shard >= 0:
             self._drops[seq.shard].append(seq.request_id)
             self._sent[seq.shard].pop(seq.request_id, None)
+            self._primed[seq.shard].discard(seq.request_id)
         self.scheduler.finish(seq)
 
     @property
@@ -299,6 +303,8 @@ class Engine:
             for shard in lost.shards:
                 self._drops[shard], self._copies[shard], self._sent[shard] = [], [], {}
                 self.scheduler.reset_shard(shard)
+            for primed in self._primed:  # the other shards drew tokens this step that nobody takes:
+                primed.clear()  # their sequences' records (penalties' tokens) are sent again
             logger.warning("attention shards %s were replaced; their sequences are recomputed", lost.shards)
             return []  # this step's other work runs again in the next one (nothing was advanced)
         returned = time.perf_counter()
@@ -334,7 +340,7 @@ class Engine:
             start=c.start,
             new_blocks=table[known:],
             blocks_from=known,
-            params=req.draw if draw else None,
+            sample=draw,
             logprobs=req.params.logprobs,
             prompt_logprobs=req.params.prompt_logprobs if score else None,
             next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
@@ -349,10 +355,14 @@ class Engine:
                 began = time.perf_counter()
                 chunk.allowed = bitmask(choice.matcher)
                 self._mask_seconds += time.perf_counter() - began
-            if req.draw.penalised:
-                chunk.output = list(output)
-                if req.draw.repetition_penalty != 1.0:
-                    chunk.prompt_seen = sorted(set(req.prompt))
+            primed = self._primed[c.seq.shard]
+            if c.seq.request_id not in primed:  # the shard keeps a sequence's draw settings from now on
+                primed.add(c.seq.request_id)
+                chunk.params = req.draw
+                if req.draw.penalised:
+                    chunk.output = list(output)
+                    if req.draw.repetition_penalty != 1.0:
+                        chunk.prompt_seen = sorted(set(req.prompt))
         return chunk
 
     def fail_all(self, error: str) -> list[RequestOutput]:

@@ -188,6 +188,20 @@ class Load:
             assert time.monotonic() < deadline, f"requests in flight {timeout_s:.0f} s after the break: {kinds - ended}"
             time.sleep(0.2)
 
+    def failures(self) -> list[str]:
+        """Each request that did not succeed, as kind, outcome and the error the server gave."""
+        out = []
+        for r in self.records:
+            if r["outcome"] in ("200", "OK"):
+                continue
+            detail = r["detail"]
+            if r["kind"] == "plain" and isinstance(detail, tuple):  # (headers, body)
+                detail = detail[1].get("error", detail[1]) if isinstance(detail[1], dict) else detail[1]
+            elif isinstance(detail, dict):  # a stream's last event
+                detail = detail.get("error", detail)
+            out.append(f"{r['kind']} {r['outcome']} after {r['end'] - r['start']:.1f} s: {detail}")
+        return out
+
     def in_flight(self, at: float) -> list[dict[str, Any]]:
         """The requests that had started before `at` and ended after it."""
         return [r for r in self.records if r["start"] < at <= r["end"]]

@@ -446,7 +446,11 @@ class RayBackend:
                     # (on a loaded machine that can take longer than the grace); they are replaced then,
                     # unless there is no room for them: then nothing is gained by waiting for the verdict.
                     lost_workers = [refs.index(r) for r in pending]
-                    if self._verdict_pending(lost_workers, known) and not self._room_for(lost_workers):
+                    # The free resources first, Ray's verdict after: once Ray calls the host dead it
+                    # places the lost bundles again at once, reserving their room on the nodes left,
+                    # which then no longer shows as free. Still alive after the read: nothing was
+                    # reserved before it, so the free resources are all there is.
+                    if not self._room_for(lost_workers) and self._verdict_pending(lost_workers, ray.nodes()):  # type: ignore[no-untyped-call]
                         no_room = lost_workers
                         break
                     awaiting_verdict = True

@@ -13,7 +13,7 @@ import torch
 
 from model.kv_cache import CacheBatch, KVCache
 from model.mixtral import Mixtral
-from model.sampling import DrawParams, make_generator, sample
+from model.sampling import DrawParams, adjust, make_generator, sample
 
 
 @torch.inference_mode()
@@ -51,7 +51,10 @@ def generate(
         logits = model(flat_tokens, flat_pos, seq_lens, batch, logit_rows=last_rows)  # [S, V]
         still = []
         for row, i in enumerate(active):
-            tok = sample(logits[row], params, generators[i])
+            draw = logits[row]  # [V]
+            if params.adjusts:  # logit bias, banned ids, penalties over the prompt and the tokens so far
+                draw = adjust(draw, params, outputs[i], prompts[i])
+            tok = sample(draw, params, generators[i])
             outputs[i].append(tok)
             next_pos = positions[i][-1] + 1
             tokens[i], positions[i] = [tok], [next_pos]

@@ -38,6 +38,7 @@ class DrawParams(BaseModel):
     # vLLM's (CTRL's) over the prompt's and the generated tokens: a positive logit / r, a negative one x r
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit (-100..100)
+    bad_token_ids: list[int] = Field(default_factory=list)  # never drawn (a tool call's token under tool_choice none)
 
     @field_validator("logit_bias")
     @classmethod
@@ -47,9 +48,21 @@ class DrawParams(BaseModel):
             raise ValueError(f"logit_bias maps token ids >= 0 to -100..100; not {bad[:5]}")
         return v
 
+    @field_validator("bad_token_ids")
+    @classmethod
+    def _ids(cls, v: list[int]) -> list[int]:
+        if any(t < 0 for t in v):
+            raise ValueError(f"bad_token_ids are token ids >= 0; not {[t for t in v if t < 0][:5]}")
+        return v
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether drawing changes the logits before sampling them (`adjust`)."""
+        return bool(self.logit_bias) or bool(self.bad_token_ids) or self.penalised
 
     @property
     def penalised(self) -> bool:
@@ -89,16 +102,18 @@ def adjust(
     banned: Sequence[int] = (),
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The row's controls applied to logits [V] (a new fp32 tensor): `params.logit_bias`, `banned`
-    token ids and the `allowed` mask [V] (a grammar's) to -inf, the repetition penalty over
-    `prompt` + `output` token ids, then presence and frequency penalties over `output`'s."""
+    """The row's controls applied to logits [V] (a new fp32 tensor): `params.logit_bias`, the
+    `params.bad_token_ids` and `banned` token ids and the `allowed` mask [V] (a grammar's) to -inf,
+    the repetition penalty over `prompt` + `output` token ids, then presence and frequency
+    penalties over `output`'s."""
     logits = logits.float().clone()  # [V]
     vocab, device = logits.shape[-1], logits.device
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
         logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), device=device))
-    if banned:
-        logits[torch.tensor(list(banned), dtype=torch.long, device=device)] = float("-inf")
+    if params.bad_token_ids or banned:
+        never = torch.tensor([*params.bad_token_ids, *banned], dtype=torch.long, device=device)
+        logits[never] = float("-inf")
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if params.repetition_penalty != 1.0 and (output or prompt):

@@ -15,8 +15,11 @@ identically.
 
 Logprobs are the fp32 log-softmax of the model's logits, before the request's controls (logit
 bias, penalties, a grammar's mask), temperature, min-p, top-k and top-p (what vLLM reports by
-default). The controls travel with the chunk that draws: the grammar's allowed tokens as a
-bitmask the engine computed from its matcher, the banned ids, and for penalties the tokens seen.
+default). A request's settings (`DrawParams`: temperature and cuts, seed, logit bias, banned
+ids, penalties) travel once, with its first draw on a shard, which keeps them (`DrawState`,
+with the prompt's and the drawn tokens penalties need); what changes from step to step travels
+with each chunk that draws: the grammar's allowed tokens as a bitmask the engine computed from
+its matcher, and eos and the stop tokens while `min_tokens` bans them.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class SeqChunk:
     blocks_from: int = 0  # the entry of its block table `new_blocks` starts at
     # This step's controls of the draw (see `model.sampling.adjust`); the forks' first draws share them.
     allowed: bytes | None = None  # a grammar's allowed tokens: bitmask, 32 tokens per little-endian int32
-    banned: list[int] = field(default_factory=list)  # ids never drawn (eos before min_tokens, ...)
+    banned: list[int] = field(default_factory=list)  # ids not drawn this step (eos before min_tokens)
 
     @property
     def logit_rows(self) -> int:
@@ -171,8 +174,7 @@ class DrawState:
 
     def adjusts(self, c: SeqChunk) -> bool:
         """Whether the draw changes the logits first (and so cannot take the greedy fast path)."""
-        p = self.params
-        return bool(p.logit_bias) or p.penalised or c.allowed is not None or bool(c.banned)
+        return self.params.adjusts or c.allowed is not None or bool(c.banned)
 
     def adjusted(self, c: SeqChunk, row: torch.Tensor) -> torch.Tensor:
         """The draw row [V] after the settings' and the chunk's controls."""

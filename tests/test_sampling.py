@@ -93,3 +93,14 @@ def test_generation_stops_at_eos(checkpoint_factory) -> None:
         generate(model, [[]], DrawParams())
     with pytest.raises(ValueError, match="max_tokens"):
         generate(model, [[1, 50]], DrawParams(), max_tokens=0)
+
+
+def test_generate_honours_logit_bias_and_banned_ids(checkpoint_factory) -> None:
+    model = load_model(checkpoint_factory(grid_config(), seed=21))
+    prompt = [1, 50, 60, 70]
+    free = generate(model, [prompt], DrawParams(temperature=0.0), 10, eos_id=None)[0]
+    assert generate(model, [prompt], DrawParams(temperature=0.0, logit_bias={77: 100.0}), 6, eos_id=None)[0] == [77] * 6
+    banned = generate(model, [prompt], DrawParams(temperature=0.0, bad_token_ids=sorted(set(free))), 10, eos_id=None)[0]
+    assert not set(banned) & set(free)
+    with pytest.raises(ValidationError, match="bad_token_ids"):
+        DrawParams(bad_token_ids=[-3])

@@ -28,7 +28,7 @@ from cluster.engine.structured import StructuredOutput
 from cluster.llm import LLM
 from cluster.serving.config import ServeConfig
 from cluster.serving.messages import Failure, GenerateCall
-from model import ModelConfig
+from model import DrawParams, ModelConfig, generate, load_model
 from model.sampling import adjust
 from tests.helpers import local_ray, random_prompts
 
@@ -126,7 +126,7 @@ def test_logit_bias_min_p_min_tokens_and_banned_ids(llm: LLM) -> None:
 def test_out_of_range_controls_are_refused_naming_them(llm: LLM) -> None:
     for params, param in [
         (SamplingParams(logit_bias={40000: 5.0}), "logit_bias"),
-        (SamplingParams(bad_token_ids=[-1]), "bad_token_ids"),
+        (SamplingParams(bad_token_ids=[40000]), "bad_token_ids"),
         (SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
     ]:
         with pytest.raises(RequestError) as e:
@@ -134,6 +134,21 @@ def test_out_of_range_controls_are_refused_naming_them(llm: LLM) -> None:
         assert e.value.param == param
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={5: 101.0})
+    with pytest.raises(ValueError, match="bad_token_ids"):
+        SamplingParams(bad_token_ids=[-1])
+
+
+def test_the_reference_generation_draws_as_the_engine_under_every_setting(llm: LLM, ckpt: Path) -> None:
+    """`model.generate` applies logit bias, banned ids and penalties as a shard does (it ignored
+    them): greedy under all of them at once, both give the same tokens."""
+    prompt = random_prompts(1, seed=14)[0]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].token_ids
+    draw = DrawParams(temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3,
+                      bad_token_ids=greedy[:2], logit_bias={greedy[3]: 4.0})  # fmt: skip
+    engine = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True, **draw.model_dump()))[0].token_ids
+    reference = generate(load_model(ckpt), [prompt], draw, max_tokens=12, eos_id=None)[0]
+    assert reference == engine
+    assert reference != greedy and not set(reference) & set(greedy[:2])
 
 
 def json_params(n: int, seed: int, max_tokens: int = 160) -> SamplingParams:

@@ -101,7 +101,8 @@ def test_draw_settings_travel_once_and_penalised_forked_draws_match_sending_them
     preemption (few blocks) and n=2 forks the seeded, penalised outputs equal an engine's that
     sends them with every chunk."""
     params = SamplingParams(max_tokens=12, temperature=0.05, seed=7, n=2, frequency_penalty=2.0,
-                            presence_penalty=2.0, repetition_penalty=1.3)  # fmt: skip
+                            presence_penalty=2.0, repetition_penalty=1.3, bad_token_ids=list(range(100, 400)),
+                            logit_bias={7: 3.0})  # fmt: skip
     prompts = random_prompts(8, seed=9, low=4, high=24)
 
     def run(every_chunk: bool) -> tuple[list[list[int]], int, int, int]:

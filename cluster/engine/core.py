@@ -348,9 +348,8 @@ class Engine:
         )
         if draw:  # the draw's controls; forks draw their first token in the same state as choice 0
             params, output = req.params, choice.seq.output
-            chunk.banned = list(params.bad_token_ids)
-            if len(output) < params.min_tokens:
-                chunk.banned += [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
+            if len(output) < params.min_tokens:  # the request's own banned ids travel with its settings
+                chunk.banned = [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
             if choice.matcher is not None:
                 began = time.perf_counter()
                 chunk.allowed = bitmask(choice.matcher)

@@ -29,7 +29,6 @@ class SamplingParams(DrawParams):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per sampled token, + alternatives
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # per prompt token (not the first)
     min_tokens: int = Field(default=0, ge=0)  # no eos, stop token or stop string before this many tokens (vLLM's)
-    bad_token_ids: list[int] = Field(default_factory=list)  # never drawn (a tool call's token under tool_choice none)
     structured: StructuredOutput | None = None  # the output must match this grammar (compiled by the caller)
 
     def draw_params(self) -> DrawParams:

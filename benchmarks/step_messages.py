@@ -43,8 +43,8 @@ def decode_batches(shards: int, seqs: int, context: int, block_size: int, delta:
     block this step) and no draw settings (its shard keeps them), else its whole table and its settings."""
     batches = [ShardBatch() for _ in range(shards)]
     blocks = -(-context // block_size)
-    params = DrawParams(temperature=0.7, top_p=0.9, seed=1)
     for s in range(seqs):
+        params = DrawParams(temperature=0.7, top_p=0.9, seed=s)  # each request its own, as the engine's
         table = list(range(s * blocks, (s + 1) * blocks))
         start = (blocks - 1 if s % block_size == 0 else blocks) if delta else 0
         chunk = SeqChunk(f"req-{s}", [1000 + s], context - 1, table[start:], True, None if delta else params,

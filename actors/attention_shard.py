@@ -38,7 +38,7 @@ class AttentionShard(Worker):
                 p.tokens, p.positions, p.seq_lens, cache, self.moe_over_data_plane, p.logit_rows
             )  # [R, H]
         with clock("head"):
-            sampled = self.shard.sampler.sample(batch, self.model.lm_head(h), p.spans)  # logits [R, V]
+            sampled = self.shard.draw(batch, self.model.lm_head(h), p.spans)  # logits [R, V]
         clock.end_step()
         return sampled
 

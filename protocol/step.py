@@ -86,6 +86,8 @@ class ShardBatch:
     chunks: list[SeqChunk] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # requests whose sampling state can be dropped
     copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks, copied first
+    # The engine's number for the step (0: none), the same each time the backend runs it again.
+    step: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -320,8 +322,7 @@ class ShardRunner:
     step is `begin` (forget finished sequences, copy forked choices' last blocks before anything
     writes, take new draw settings, update the tables), then, if the shard has
     chunks, `replay` (a decode step through the decode graphs, where the shard has them) or `pack`
-    and the forward (in this process, or with the MoE halves over the data plane), and
-    `sampler.sample`."""
+    and the forward (in this process, or with the MoE halves over the data plane), and `draw`."""
 
     def __init__(
         self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
@@ -334,6 +335,7 @@ class ShardRunner:
         self.cache = KVCache.allocate(config, num_blocks + extra, block_size, dtype, device)
         self.sampler = Sampler()
         self.tables: dict[str, list[int]] = {}  # by request id
+        self._drawn: tuple[int, list[Sampled]] | None = None  # the last numbered step's draws
         self.graphs: DecodeGraphs | None = None
         if graphs is not None:
             model, max_len, max_seqs = graphs
@@ -344,7 +346,8 @@ class ShardRunner:
         for request_id in batch.finished:
             self.tables.pop(request_id, None)
         self.cache.copy_blocks(batch.copies)
-        self.sampler.prime(batch)
+        if not self.repeats(batch):  # a step run again: its settings were taken the first time
+            self.sampler.prime(batch)
         for c in batch.chunks:
             table = self.tables.setdefault(c.request_id, [])
             if c.blocks_from > len(table):
@@ -354,6 +357,21 @@ class ShardRunner:
                 )
             del table[c.blocks_from :]
             table.extend(c.new_blocks)
+
+    def repeats(self, batch: ShardBatch) -> bool:
+        """Whether this shard has drawn this step already: the backend runs a step again after
+        replacing a router or an expert group that died once this shard was done with it (the
+        forward runs again, for the data plane's exchanges; the draws must not)."""
+        return batch.step > 0 and self._drawn is not None and self._drawn[0] == batch.step
+
+    def draw(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> list[Sampled]:
+        """The step's draws from logits [R, V] (`Sampler.sample`); a step run again gets the draws
+        of its first run, so each generator and each penalties' record advances once per step."""
+        if self._drawn is not None and self.repeats(batch):
+            return self._drawn[1]
+        sampled = self.sampler.sample(batch, logits, spans)
+        self._drawn = (batch.step, sampled)
+        return sampled
 
     def block_tables(self, batch: ShardBatch) -> list[list[int]]:
         """Each chunk's whole block table (after `begin`)."""

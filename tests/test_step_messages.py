@@ -14,6 +14,7 @@ from cluster.engine.core import Engine, LocalBackend
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from model.config import ModelConfig
+from model.sampling import DrawParams
 from protocol.step import SeqChunk, ShardBatch, ShardRunner, step_messages
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
@@ -42,6 +43,35 @@ def test_a_shard_refuses_a_delta_it_cannot_apply() -> None:
         runner.begin(ShardBatch([SeqChunk("a", [1], 0, [7], False, blocks_from=5)]))
     runner.begin(ShardBatch(finished=["a"]))
     assert runner.tables == {}
+
+
+def test_a_step_run_again_draws_nothing_new() -> None:
+    """The backend runs a step again after replacing a router or an expert group that died once a
+    shard had drawn: that shard returns its first draws, so its generators and penalties' records
+    advance once per step. Seeded, penalised draws with every step run twice equal the same steps
+    run once."""
+    vocab = ModelConfig.preset("tiny").vocab_size
+    params = DrawParams(temperature=1.0, seed=3, frequency_penalty=1.0, presence_penalty=1.0)
+    logits = [torch.full((1, vocab), -30.0) for _ in range(12)]  # four likely tokens: penalties decide
+    for i, row in enumerate(logits):
+        row[0, :4] = torch.randn(4, generator=torch.Generator().manual_seed(i))
+
+    def draws(runs_per_step: int) -> list[int]:
+        runner = ShardRunner(ModelConfig.preset("tiny"), 8, 4, torch.float32, torch.device("cpu"))
+        tokens: list[int] = []
+        for i, row in enumerate(logits):
+            first = SeqChunk("a", [1], i, [0] if i == 0 else [], True, params if i == 0 else None,
+                             output=[] if i == 0 else None, blocks_from=0 if i == 0 else 1)  # fmt: skip
+            batch = ShardBatch([first], step=i + 1)
+            got = []
+            for _ in range(runs_per_step):
+                runner.begin(batch)
+                got.append(runner.draw(batch, row, [(0, 1)]))
+            assert all(g == got[0] for g in got)
+            tokens.append(got[0][0].token)
+        return tokens
+
+    assert draws(runs_per_step=2) == draws(runs_per_step=1)
 
 
 @pytest.fixture(scope="module")

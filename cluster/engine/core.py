@@ -127,11 +127,11 @@ class LocalBackend:
         replayed = self.shard.replay(batch)
         if replayed is not None:  # a decode step at a fixed shape, replayed
             logits, counts = replayed
-            sampled = self.shard.sampler.sample(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
+            sampled = self.shard.draw(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
         elif batch.chunks:
             p, cache = self.shard.pack(batch)
             logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)
-            sampled = self.shard.sampler.sample(batch, logits, p.spans)
+            sampled = self.shard.draw(batch, logits, p.spans)
         counts = counts.cpu()  # the counters are read once per step
         pairs = counts.sum(dim=1, keepdim=True)  # one group: all the pairs, nothing to balance
         return Executed([sampled], counts, pairs, torch.zeros(pairs.shape, dtype=torch.float64))
@@ -183,6 +183,7 @@ class Engine:
         self._sent: list[dict[str, list[int]]] = [{} for _ in range(backend.num_shards)]
         self._primed: list[set[str]] = [set() for _ in range(backend.num_shards)]
         self.steps = 0
+        self._numbered = 0  # steps handed to the backend, thrown-away ones included (ShardBatch.step)
         self.profile = False  # when set, `step_records` gets one entry per step
         self.step_records: list[dict[str, float]] = []
         self._mask_seconds = 0.0  # computing this step's grammar masks (part of its planning)
@@ -288,7 +289,8 @@ class Engine:
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
             return []
-        batches = [ShardBatch(finished=drops) for drops in self._drops]
+        self._numbered += 1  # the step's number: the backend may run it again, the shards draw once
+        batches = [ShardBatch(finished=drops, step=self._numbered) for drops in self._drops]
         for batch, copies in zip(batches, self._copies, strict=True):  # for choices still alive
             batch.copies = [pair for pair, seq_id in copies if seq_id in self.outputs.choices]
         self._drops = [[] for _ in range(self.backend.num_shards)]

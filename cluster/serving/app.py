@@ -20,6 +20,10 @@ from cluster.serving.ingress import Ingress
 from cluster.serving.llm_server import LLMServer
 
 HEALTH_CHECK_TIMEOUT_S = 60
+# A stopping replica checks for requests still running this often (Serve's default, 2 s, made every
+# idle replica wait that long before it stops; in-flight requests are still waited for, up to
+# Serve's graceful_shutdown_timeout_s).
+DRAIN_CHECK_S = 0.2
 
 
 def build_app(config: ServeConfig) -> Any:
@@ -46,8 +50,10 @@ def build_app(config: ServeConfig) -> Any:
         },
         health_check_period_s=srv.health_check_period_s,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
     )
-    ingress: Any = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=10_000)
+    ingress: Any = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=10_000,
+                                    graceful_shutdown_wait_loop_s=DRAIN_CHECK_S)  # fmt: skip
     return ingress.bind(llm_deployment.bind(config), config)
 
 

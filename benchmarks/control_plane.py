@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.report import write_json
 from cluster import LLM, SamplingParams
-from model.checkpoint import write_random_checkpoint
 from model.config import ModelConfig
+from protocol.config import ensure_checkpoint
 
 logger = logging.getLogger("mixtral_cluster.control_plane")
 
@@ -45,9 +45,7 @@ def full_decode_steps(profile: dict[str, Any], seqs: int) -> list[dict[str, floa
 
 
 def run(seqs: int, context: int, new_tokens: int, runs: int, cache_dir: Path) -> list[dict[str, float]]:
-    ckpt = cache_dir / "tiny-seed0"
-    if not ckpt.is_dir():
-        write_random_checkpoint(ModelConfig.preset("tiny"), ckpt, seed=0)
+    ckpt = ensure_checkpoint(cache_dir / "tiny-seed0", "tiny", seed=0)
     vocab = ModelConfig.from_checkpoint(ckpt).vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [[1, *torch.randint(3, vocab, (context - 1,), generator=g).tolist()] for _ in range(seqs)]

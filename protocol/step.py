@@ -335,7 +335,8 @@ class ShardRunner:
         self.cache = KVCache.allocate(config, num_blocks + extra, block_size, dtype, device)
         self.sampler = Sampler()
         self.tables: dict[str, list[int]] = {}  # by request id
-        self._drawn: tuple[int, list[Sampled]] | None = None  # the last numbered step's draws
+        self._drawn_step = 0  # the last numbered step this shard drew (`ShardBatch.step`), and its draws
+        self._drawn: list[Sampled] = []
         self.graphs: DecodeGraphs | None = None
         if graphs is not None:
             model, max_len, max_seqs = graphs
@@ -362,16 +363,14 @@ class ShardRunner:
         """Whether this shard has drawn this step already: the backend runs a step again after
         replacing a router or an expert group that died once this shard was done with it (the
         forward runs again, for the data plane's exchanges; the draws must not)."""
-        return batch.step > 0 and self._drawn is not None and self._drawn[0] == batch.step
+        return batch.step > 0 and batch.step == self._drawn_step
 
     def draw(self, batch: ShardBatch, logits: torch.Tensor, spans: list[tuple[int, int]]) -> list[Sampled]:
         """The step's draws from logits [R, V] (`Sampler.sample`); a step run again gets the draws
         of its first run, so each generator and each penalties' record advances once per step."""
-        if self._drawn is not None and self.repeats(batch):
-            return self._drawn[1]
-        sampled = self.sampler.sample(batch, logits, spans)
-        self._drawn = (batch.step, sampled)
-        return sampled
+        if not self.repeats(batch):
+            self._drawn_step, self._drawn = batch.step, self.sampler.sample(batch, logits, spans)
+        return self._drawn
 
     def block_tables(self, batch: ShardBatch) -> list[list[int]]:
         """Each chunk's whole block table (after `begin`)."""

@@ -46,7 +46,8 @@ def test_expert_ffn_equals_the_torch_path(rows: int, kernels: Any) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(kernels: Any) -> None:
+def test_expert_ffn_module_runs_each_expert_on_the_kernel_for_its_rows(kernels: Any) -> None:
+    """The compiled loop takes the rows of the experts with few (faster there), oneDNN the others."""
     calls: list[int] = []
 
     class Spy:
@@ -58,11 +59,16 @@ def test_expert_ffn_module_calls_the_kernel_at_few_rows_only(kernels: Any) -> No
             return kernels.expert_ffn(x, *args)
 
     ffn = _experts(7, kernels=CpuKernels(Spy))
-    few, many = 2, KERNEL_ROWS_PER_EXPERT * 4 + 1
+    many = KERNEL_ROWS_PER_EXPERT + 1
+    local = torch.tensor([0] * many + [2, 3, 2])  # expert 0: too many rows for the loop; 2 and 3: few
+    x = torch.randn(len(local), 48, generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
-        for n in (few, many):
-            ffn(torch.randn(n, 48), torch.randint(0, 4, (n,)))
-    assert calls == [few]
+        mixed = ffn(x, local)
+        ffn(x[many:], local[many:])  # only experts with few rows
+        ffn(x[:many], local[:many])  # only one with many
+        want = TorchKernels().experts(x, local, ffn.w1, ffn.w3, ffn.w2)
+    assert calls == [3, 3]  # experts 2 and 3's rows, twice; expert 0's never
+    torch.testing.assert_close(mixed, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_linear_concatenates_its_weights(kernels: Any) -> None:

@@ -12,6 +12,7 @@ and `commit`, which the engine sends between two steps, switches to them.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 
@@ -22,11 +23,13 @@ from actors.dispatch import MAX_EXPERTS_IN_COLUMN, group_exchange
 from actors.worker import Worker
 from model.checkpoint import Checkpoint
 from model.moe import ExpertFFN
+from protocol.expert_cost import fitted_line
 from protocol.experts import Placement
 from protocol.worker import WorkerSetup, WorkerSpec
 
 Moves = dict[int, dict[int, int]]  # layer -> slot -> the expert to hold there
 WEIGHTS = ("w1", "w2", "w3")
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the sizes `calibrate` times: decode's few rows to prefill's many
 
 
 class ExpertGroup(Worker):
@@ -46,32 +49,35 @@ class ExpertGroup(Worker):
             self.commit()
 
     @torch.inference_mode()
-    def calibrate(self, rows: int = 64, repeats: int = 5) -> tuple[float, float, str, int]:
-        """(weight_s, row_s, lane, lanes there) of this device, measured: one expert's FFN on 1 row
-        and on `rows` rows (the least of `repeats` each). The difference per row is a row's compute;
-        what one row costs beyond it, the read of the expert's weights. The lane is what this group
-        computes on (its GPU; on CPU its node, which has cores / threads of them)."""
-        ffn = self.model.expert_ffns()[0]
+    def calibrate(self, repeats: int = 5) -> tuple[float, float, str, int]:
+        """(weight_s, row_s, lane, lanes there) of this device, measured as a step runs experts: one
+        expert's FFN on each of CALIBRATION_ROWS rows, each call on the next layer's weights (none
+        is still in a cache from the call before, as in a step), on the kernels a step would use
+        at that size; the median of `repeats` at each size. The least-squares line through them:
+        its slope is a row's compute, its value at 0 rows the read of the expert's weights. (A
+        line: the split's model; where the kernels change at a size, it fits both.) The lane is
+        what this group computes on (its GPU; on CPU its node, which has cores / threads of them)."""
+        ffns = self.model.expert_ffns()
         h = self.config.hidden_size
-
-        def seconds(n: int) -> float:
-            x = torch.randn(n, h, dtype=self.dtype, device=self.device)  # [n, H]
-            local = torch.zeros(n, dtype=torch.long, device=self.device)  # [n] all to slot 0
-            best = float("inf")
-            for _ in range(repeats + 1):  # the first warms up
+        seconds: dict[int, list[float]] = {n: [] for n in CALIBRATION_ROWS}
+        calls = 0
+        for round_ in range(repeats + 1):  # the first warms up
+            for n in CALIBRATION_ROWS:
+                x = torch.randn(n, h, dtype=self.dtype, device=self.device)  # [n, H]
+                local = torch.zeros(n, dtype=torch.long, device=self.device)  # [n] all to slot 0
+                ffn = ffns[calls % len(ffns)]
+                calls += 1
                 start = time.perf_counter()
                 ffn(x, local)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                best = min(best, time.perf_counter() - start)
-            return best
-
-        one, many = seconds(1), seconds(rows)
-        row_s = max((many - one) / (rows - 1), 1e-9)
+                if round_:
+                    seconds[n].append(time.perf_counter() - start)
+        weight_s, row_s = fitted_line(list(CALIBRATION_ROWS), [statistics.median(seconds[n]) for n in CALIBRATION_ROWS])
         node = ray.get_runtime_context().get_node_id()
         if self.device.type == "cuda":
-            return max(one - row_s, 0.0), row_s, f"{node}:{torch.cuda.get_device_properties(self.device).uuid}", 1
-        return max(one - row_s, 0.0), row_s, node, max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
+            return weight_s, row_s, f"{node}:{torch.cuda.get_device_properties(self.device).uuid}", 1
+        return weight_s, row_s, node, max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
 
     def _local_table(self) -> torch.Tensor:
         """[L, E] global expert id -> its slot here, per layer (-1: not held)."""

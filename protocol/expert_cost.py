@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,15 @@ class ExpertCost:
     def as_dict(self) -> dict[str, float | str]:
         return {"weight_s": self.weight_s, "row_s": self.row_s, "message_s": self.message_s, "lanes": self.lanes,
                 "source": self.source}  # fmt: skip
+
+
+def fitted_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through the points, the intercept at least 0
+    and the slope at least 1e-9 s (a row always costs something)."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = max(slope, 1e-9)
+    return max(mean_y - slope * mean_x, 0.0), slope
 
 
 TOKENS = ExpertCost(weight_s=0.0, row_s=1.0, source="tokens")  # rows only: balance pair counts

@@ -18,6 +18,7 @@ from protocol.expert_cost import (
     _connected_sets,
     _least_slowest,
     compiled_split,
+    fitted_line,
     layer_seconds,
     split_pairs,
     split_pairs_python,
@@ -173,3 +174,16 @@ def test_the_split_benchmark_times_every_case() -> None:
     assert [row["replicated"] for row in rows] == [2, 6, 6] and all(row["same_split"] for row in rows)
     for name in ("compiled", "python"):
         assert all(0 < row[f"{name}_median_us"] <= row[f"{name}_max_us"] for row in rows)
+
+
+def test_the_calibration_line_is_the_least_squares_one() -> None:
+    """`ExpertGroup.calibrate`'s line: exact points give their line; a row never costs nothing, and
+    the weights' read is never negative."""
+    rows = [1, 2, 4, 8, 16, 32, 64]
+    assert fitted_line(rows, [700e-6 + 30e-6 * n for n in rows]) == pytest.approx((700e-6, 30e-6))
+    kernel_switch = [559, 596, 901, 1301, 1493, 1974, 2600]  # us: the loop to 4 rows, oneDNN from 8 (measured)
+    weight, row = fitted_line(rows, [us * 1e-6 for us in kernel_switch])
+    assert 700e-6 < weight < 850e-6 and 28e-6 < row < 34e-6
+    weight, row = fitted_line(rows, [1e-3 - 1e-5 * n for n in rows])  # faster with more rows: noise
+    assert row == 1e-9 and weight == pytest.approx(1e-3 - 1e-5 * sum(rows) / len(rows), rel=1e-3)
+    assert fitted_line(rows, [1e-5 * n - 1e-4 for n in rows])[0] == 0.0

@@ -28,6 +28,7 @@ from protocol.experts import Placement
 from protocol.worker import WorkerSetup, WorkerSpec
 
 Moves = dict[int, dict[int, int]]  # layer -> slot -> the expert to hold there
+Staged = dict[tuple[int, int], tuple[int, dict[str, torch.Tensor]]]  # (layer, slot) -> expert, its weights
 WEIGHTS = ("w1", "w2", "w3")
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the sizes `calibrate` times: decode's few rows to prefill's many
 
@@ -41,12 +42,11 @@ class ExpertGroup(Worker):
         self.num_routers = setup.config.cluster.routers
         self.num_groups = setup.config.cluster.expert_groups
         self.slots = [list(spec.experts) for _ in range(config.num_layers)]  # [L][slot] -> expert
-        self._staged: dict[tuple[int, int], tuple[int, dict[str, torch.Tensor]]] = {}
+        self._staged: dict[int, Staged] = {}  # re-placement number -> the weights read for it
         self.local_of = self._local_table()
         moves = moves_to(self.slots, setup.placement, spec.index)
         if moves:  # a replacement for a worker of a copy whose experts were re-placed since it started
-            self._read(moves)
-            self.commit()
+            self._hold(self._read(moves))
 
     @torch.inference_mode()
     def calibrate(self, repeats: int = 5) -> tuple[float, float, str, int]:
@@ -87,34 +87,44 @@ class ExpertGroup(Worker):
         return table.to(self.device)
 
     @ray.method(concurrency_group="load")  # beside the steps: their calls are not held up
-    def stage(self, moves: Moves) -> int:
+    def stage(self, moves: Moves, number: int) -> int:
         """Read the weights of the experts to take (layer -> slot -> expert) from the checkpoint and
-        keep them aside until `commit`. Returns the experts staged."""
-        return self._read(moves)
+        keep them aside, as re-placement `number`, until `commit(number)`. Returns the experts staged.
+        Kept by number: the next re-placement's weights may be read while this one's commit is
+        still queued, and each commit must take its own."""
+        staged = self._read(moves)
+        self._staged[number] = staged
+        return len(staged)
 
-    def _read(self, moves: Moves) -> int:
+    def _read(self, moves: Moves) -> Staged:
         names = {(layer, slot, w): f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
                  for layer, by_slot in moves.items() for slot, e in by_slot.items() for w in WEIGHTS}  # fmt: skip
         ckpt = Checkpoint(self.setup.config.model.checkpoint)
         read = dict(ckpt.read(sorted(set(names.values())), device=self.device, dtype=self.dtype))
-        self._staged = {
+        return {
             (layer, slot): (e, {w: read[names[layer, slot, w]] for w in WEIGHTS})
             for layer, by_slot in moves.items()
             for slot, e in by_slot.items()
         }
-        return len(self._staged)
+
+    def commit(self, number: int) -> None:
+        """Hold re-placement `number`'s staged experts from the next step on (the engine calls it
+        between steps, after its `stage` returned; a group with nothing to move has none)."""
+        self._hold(self._staged.pop(number, {}))
+
+    def drop(self, number: int) -> None:
+        """Forget re-placement `number`'s staged weights: it was abandoned."""
+        self._staged.pop(number, None)
 
     @torch.no_grad()
-    def commit(self) -> None:
-        """Hold the staged experts from the next step on (the engine calls it between steps)."""
+    def _hold(self, staged: Staged) -> None:
         ffns = self.model.expert_ffns()
-        for (layer, slot), (expert, weights) in self._staged.items():
+        for (layer, slot), (expert, weights) in staged.items():
             for w in WEIGHTS:
                 getattr(ffns[layer], w)[slot].copy_(weights[w])
             ffns[layer].expert_ids[slot] = expert
             self.slots[layer][slot] = expert
         self.local_of = self._local_table()
-        self._staged = {}
 
     def run_step(self, message: None) -> int:
         """Serve every layer of this step (the message is empty: rows and experts come over the

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 from transformers import MixtralForCausalLM
 
+from actors.expert_group import moves_to
 from benchmarks.workload import skewed_copy
 from cluster.engine.core import RebalanceUnavailable
 from cluster.engine.request import SamplingParams
@@ -134,3 +136,48 @@ def test_the_same_prompts_after_replacement_measure_what_the_planner_predicted(s
             assert after["expert_ms_per_step"][phase] == pytest.approx(figures["expert_ms_after"], rel=0.05)
             assert figures["expert_ms_after"] < figures["expert_ms_before"]
             assert after["cost_imbalance"][phase] < before["cost_imbalance"][phase]
+
+
+def test_each_switch_takes_the_weights_read_for_it(skewed: Path, reference: list[list[int]]) -> None:
+    """The groups read a re-placement's weights beside their steps, so the next one's may be read
+    while this one's switch is still queued, or running (copying 8x7B's weights takes a while). Each
+    switch must take the weights read for it, not the latest read: here both re-placements are read
+    before either switches, then they switch in order, the routers with them; the groups hold each
+    placement in turn and the outputs equal transformers' at each."""
+    with LLM(skewed, **COPY) as llm:
+        backend = llm.backend
+        initial = backend.placement
+        groups = [(s.index, a) for s, a in zip(backend.specs, backend.actors, strict=True) if s.role == "experts"]
+        routers = [a for s, a in zip(backend.specs, backend.actors, strict=True) if s.role == "router"]
+        moved = tuple(tuple(layer[1:] + layer[:1]) for layer in initial)  # each group takes the next one's experts
+        ray.get([a.stage.remote(moves_to([list(layer[g]) for layer in initial], moved, g), 1) for g, a in groups])
+        ray.get([a.stage.remote(moves_to([list(layer[g]) for layer in moved], initial, g), 2) for g, a in groups])
+        for placement, number in ((moved, 1), (initial, 2)):
+            ray.get(
+                [a.commit.remote(number) for _, a in groups] + [r.commit_placement.remote(placement) for r in routers]
+            )
+            held = {n: s["slots"] for n, s in backend.reports("settings").items() if n.startswith("experts")}
+            assert [tuple(tuple(held[f"experts-{g}"][layer]) for g in range(4)) for layer in range(4)] == list(
+                placement
+            )
+            assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_a_replacement_during_which_a_group_was_replaced_is_abandoned(skewed: Path, reference: list[list[int]]) -> None:
+    """A group replaced while a re-placement's weights are read starts with the placement the copy
+    has, without the new weights: switching the others would route rows to experts it lacks. The
+    re-placement is abandoned instead (the report says why) and the copy serves as it was."""
+    with LLM(skewed, **COPY) as llm:
+        backend = llm.backend
+        initial = backend.placement
+        llm.generate(PROMPTS, GREEDY)
+        begun = backend.begin_rebalance(torch.ones(4, 8, dtype=torch.long) * torch.arange(8), torch.zeros(4, 4), [])
+        assert begun["moved"] > 0 and "refused" not in begun
+        ray.kill(backend.actors[[s.name for s in backend.specs].index("experts-1")])
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference  # replaced, the step run again
+        report = backend.finish_rebalance()
+        assert report is not None and report["refused"].endswith("the placement stays") and report["moved"] == 0, report
+        assert backend.placement == initial
+        held = {n: s["slots"] for n, s in backend.reports("settings").items() if n.startswith("experts")}
+        assert [tuple(tuple(held[f"experts-{g}"][i]) for g in range(4)) for i in range(4)] == list(initial)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference

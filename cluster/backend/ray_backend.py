@@ -18,7 +18,7 @@ import re
 import socket
 import statistics
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import ray
 import torch
@@ -135,6 +135,17 @@ def available_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
 
 
+class _Staging(NamedTuple):
+    """A re-placement under way: the placement, the groups' reads, its report, its number, and how
+    many workers had been replaced when it began."""
+
+    placement: Placement
+    refs: list[Any]
+    report: dict[str, Any]
+    number: int
+    recoveries: int
+
+
 class RayBackend:
     def __init__(
         self,
@@ -154,7 +165,8 @@ class RayBackend:
         self.num_groups = self.layout.expert_groups
         self.slots = slots_per_group(setup.model.num_experts, self.num_groups, self.layout.redundant_experts)
         self.placement: Placement = setup.placement
-        self._staging: tuple[Placement, list[Any], dict[str, Any]] | None = None
+        self._staging: _Staging | None = None
+        self._replacements = 0  # re-placements begun: each one's staged weights go by its number
         self.recoveries: list[dict[str, Any]] = []  # workers replaced, and how long it took
         wanted = bundles(self.specs, worker_resources(cfg.cluster))
         check_transport(cfg.cluster)
@@ -566,33 +578,48 @@ class RayBackend:
         if "refused" in report:
             return report | {"moved": 0, "placement": [[list(g) for g in layer] for layer in self.placement]}
         refs, moved = [], 0
+        self._replacements += 1
         for spec, actor in zip(self.specs, self.actors, strict=True):
             if spec.role == "experts":
                 moves = moves_to([list(groups[spec.index]) for groups in self.placement], new, spec.index)
                 moved += sum(len(by_slot) for by_slot in moves.values())
                 if moves:
-                    refs.append(actor.stage.remote(moves))
+                    refs.append(actor.stage.remote(moves, self._replacements))
         report |= {"moved": moved, "placement": [[list(g) for g in layer] for layer in new]}
-        self._staging = (new, refs, report)
+        self._staging = _Staging(new, refs, report, self._replacements, len(self.recoveries))
         logger.info("re-placing experts: %d expert weights to move", moved)
         return report
 
     def finish_rebalance(self) -> dict[str, Any] | None:
-        if self._staging is None:
+        """Between steps: once every group has read its new weights, switch the routers and groups to
+        the new placement (queued before the next step) and return the report; None while they
+        read. Abandoned (the placement stays, the report says why in "refused") if a group could not
+        read them or a worker was replaced meanwhile (it started with the old placement)."""
+        staging = self._staging
+        if staging is None:
             return None
-        new, refs, report = self._staging
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if len(ready) < len(refs):
+        ready, _ = ray.wait(staging.refs, num_returns=len(staging.refs), timeout=0)
+        if len(ready) < len(staging.refs):
             return None
         self._staging = None
-        ray.get(refs)  # a group that could not read its new weights: the old placement stays
+        why = None
+        try:
+            ray.get(staging.refs)
+        except RayError as e:
+            why = f"a group could not read its new weights ({_first_line(e)})"
+        if why is None and len(self.recoveries) != staging.recoveries:
+            why = "a worker was replaced while the weights moved (it holds the placement it started with)"
         for spec, actor in zip(self.specs, self.actors, strict=True):  # queued before the next step
-            if spec.role == "router":
-                actor.commit_placement.remote(new)
+            if spec.role == "router" and why is None:
+                actor.commit_placement.remote(staging.placement)
             elif spec.role == "experts":
-                actor.commit.remote()
-        self.placement = new
-        return report
+                (actor.drop if why else actor.commit).remote(staging.number)
+        if why is not None:
+            logger.warning("re-placement abandoned: %s; the placement stays", why)
+            current = [[list(g) for g in layer] for layer in self.placement]
+            return staging.report | {"refused": f"{why}: the placement stays", "moved": 0, "placement": current}
+        self.placement = staging.placement
+        return staging.report
 
     def _get(
         self, refs: list[Any], timeout_s: float, what: str, workers: list[int] | None = None, hint: str = ""

@@ -124,7 +124,7 @@ class ExpertBalancer:
             report = self.placer.finish_rebalance()
             if report is not None:
                 self.moving = False
-                self._done(report, restart=True)
+                self._done(report, restart="refused" not in report)  # abandoned: the load goes on counting
         elif self.interval_s is not None and time.monotonic() - self._placed_at >= self.interval_s:
             if self.since_counts.sum() > 0:
                 self.begin()

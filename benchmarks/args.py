@@ -24,9 +24,9 @@ SOAK_DESCRIPTION = (
     "requests; fails if KV blocks, memory or actors grow or a greedy answer changes."
 )
 QUICK = {"prompts": 8, "new_tokens": 16, "max_len": 128, "requests_per_client": 2, "decode_batch": 8, "repeats": 1,
-         "roofline_rounds": 3, "prefix_len": 512, "roofline_batch": 8}  # fmt: skip
+         "roofline_rounds": 3, "prefix_len": 512, "roofline_batch": 8, "skewed_rounds": 1}  # fmt: skip
 FULL = {"prompts": 32, "new_tokens": 64, "max_len": 512, "requests_per_client": 4, "decode_batch": 16, "repeats": 2,
-        "roofline_rounds": 8, "prefix_len": 2000, "roofline_batch": 32}  # fmt: skip
+        "roofline_rounds": 8, "prefix_len": 2000, "roofline_batch": 32, "skewed_rounds": 3}  # fmt: skip
 
 
 def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -87,6 +87,11 @@ def markdown(r: dict[str, Any]) -> str:
         predicted = "; ".join(f"{k} expert ms {v['expert_ms_before']:.3f} -> {v.get('expert_ms_after', nan):.3f}"
                               for k, v in rb.get("phases", {}).items())  # fmt: skip
         refused = f"; refused: {rb['refused']}" if "refused" in rb else ""
+        if pr := sk.get("paired"):
+            b, a = pr["before"], pr["after"]
+            lines.append(f"\nPaired, {pr['rounds']} rounds of the two placements in turn on the same copy (medians): "
+                         f"decode step {b['decode_ms_median']:.1f} -> {a['decode_ms_median']:.1f} ms, 512-token "
+                         f"prefill step {b['prefill_ms_median']:.1f} -> {a['prefill_ms_median']:.1f} ms.")  # fmt: skip
         lines.append(f"\nThe re-placement moved {rb['moved']} expert weights (layer x slot); it predicted the pair "
                      f"imbalance {rb['imbalance_before']:.2f} -> {rb.get('imbalance_after', nan):.2f} "
                      f"for the load it saw ({predicted}){refused}.")  # fmt: skip

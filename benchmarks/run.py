@@ -153,7 +153,8 @@ def cluster_parts(
     gpu_share = 1.0 if transport == "nccl" else 1.0 / layout.num_workers  # gloo: the whole copy may share one GPU
     if "skewed" not in args.skip:
         logger.info("skewed expert load: G=4 with 4 redundant experts, before and after re-placement")
-        result["skewed"] = skewed.skewed_load(ckpt, engine, n_prompts, new_tokens, max_len, size["decode_batch"])
+        result["skewed"] = skewed.skewed_load(ckpt, engine, n_prompts, new_tokens, max_len, size["decode_batch"],
+                                              size["skewed_rounds"])  # fmt: skip
     raw = breakdown.raw_collectives_ms(
         config, layout, size["decode_batch"], dtype, args.device, transport, gpu_per_peer=gpu_share
     )

@@ -35,6 +35,7 @@ from model.kernels import CudaKernels
 from model.loader import load_model
 from model.tokenizer import ChatFormatError, Tokenizer
 from protocol.config import LLMConfig
+from protocol.experts import AnyPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -412,13 +413,15 @@ class LLM:
             )
         )
 
-    def rebalance(self, timeout_s: float = 600.0) -> dict[str, Any]:
-        """Place the experts anew from the load since the last placement, move the weights that must
-        move while requests go on, and switch between two steps. Returns the placement ([layer][group]
-        -> experts), the imbalance before (measured) and after (for the same load), and the expert
-        weights moved. `RebalanceUnavailable` for a single-process copy."""
+    def rebalance(self, timeout_s: float = 600.0, placement: AnyPlacement | None = None) -> dict[str, Any]:
+        """Place the experts anew from the load since the last placement (or as `placement`,
+        [layer][group] -> experts in slot order, says: to compare placements, or pin one), move the
+        weights that must move while requests go on, and switch between two steps. Returns the
+        placement, the imbalance before (measured) and after (for the same load), and the expert
+        weights moved. `RebalanceUnavailable` for a single-process copy; ValueError for a placement
+        that does not fit the copy's slots."""
         done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self._loop.call(lambda: self.engine.experts.begin(done))
+        self._loop.call(lambda: self.engine.experts.begin(done, placement))
         try:
             return done.result(timeout=timeout_s)  # EngineError if the engine fails first
         except concurrent.futures.TimeoutError:

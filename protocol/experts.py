@@ -4,7 +4,10 @@ tokens split over an expert's replicas is `protocol.expert_cost.split_pairs`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 Placement = tuple[tuple[tuple[int, ...], ...], ...]  # [layer][group] -> experts held, in slot order
+AnyPlacement = Sequence[Sequence[Sequence[int]]]  # the same as lists, as a caller may write it
 
 
 def holders(groups: tuple[tuple[int, ...], ...] | list[list[int]], num_experts: int) -> list[list[int]]:

@@ -47,6 +47,10 @@ def test_bench_quick_on_tiny_writes_json_markdown_and_plots(tmp_path: Path) -> N
         assert sk[phase]["prefill_breakdown"]["tokens_per_step"] == 512 and sk[phase]["prefill_breakdown"]["step"] > 0
         assert set(sk[phase]["cost_imbalance"]) == {"decode", "prefill"}
     assert all(v["expert_ms_after"] < v["expert_ms_before"] for v in sk["rebalance"]["phases"].values())
+    paired = sk["paired"]  # the two placements again in turn: one round in --quick
+    for p in ("before", "after"):
+        assert len(paired[p]["decode_ms"]) == len(paired[p]["prefill_ms"]) == paired["rounds"] == 1
+        assert paired[p]["decode_ms_median"] > 0 and paired[p]["prefill_ms_median"] > 0
     assert all(sk["after"]["cost_imbalance"][p] < sk["before"]["cost_imbalance"][p] for p in ("decode", "prefill"))
     pc = r["prefix_cache"]
     assert pc["cached_tokens"] >= pc["prefix_tokens"] - 16 and pc["cold_ms"] > 0 and pc["warm_ms"] > 0

@@ -13,6 +13,7 @@ from cluster.backend.placement import (
     check_memory,
     check_resources,
     check_transport,
+    checked_placement,
     expert_map,
     initial_placement,
     param_bytes,
@@ -185,3 +186,17 @@ def test_a_replicated_expert_splits_from_the_lightest_group() -> None:
     shares, per_group = split_tokens([9, 1], [[0, 1], [1]], 2)
     assert per_group == [5, 5]
     assert imbalance([5, 7, 5]) == pytest.approx(7 / (17 / 3)) and imbalance([0, 0]) == 1.0
+
+
+def test_a_placement_given_must_fit_the_slots_and_hold_every_expert() -> None:
+    initial = [initial_placement(8, 4, 4)] * 2
+    assert checked_placement(initial, [3, 3, 3, 3], 2, 8) == tuple(tuple(tuple(g) for g in layer) for layer in initial)
+    for bad, why in [
+        (initial[:1], "needs 2 layers"),
+        ([initial[0], [[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 2]]], "layer 1: the groups have"),
+        ([initial[0], [[0, 1, 1], [3, 4, 5], [6, 7, 0], [1, 2, 3]]], "layer 1, group 0: experts \\[0, 1, 1\\]"),
+        ([initial[0], [[0, 1, 8], [3, 4, 5], [6, 7, 0], [1, 2, 3]]], "not distinct ids below 8"),
+        ([[[0, 1, 2], [3, 4, 5], [0, 1, 2], [3, 4, 5]], initial[0]], "layer 0: no group holds experts \\[6, 7\\]"),
+    ]:
+        with pytest.raises(PlacementError, match=why):
+            checked_placement(bad, [3, 3, 3, 3], 2, 8)

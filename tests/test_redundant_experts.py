@@ -181,3 +181,21 @@ def test_a_replacement_during_which_a_group_was_replaced_is_abandoned(skewed: Pa
         held = {n: s["slots"] for n, s in backend.reports("settings").items() if n.startswith("experts")}
         assert [tuple(tuple(held[f"experts-{g}"][i]) for g in range(4)) for i in range(4)] == list(initial)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_a_placement_given_is_taken_and_a_malformed_one_refused(skewed: Path, reference: list[list[int]]) -> None:
+    """`rebalance(placement=...)`: the model's placement, then the initial one again at once (what the
+    skewed bench does to compare the two step by step); one that does not fit the slots is refused."""
+    with LLM(skewed, **COPY) as llm:
+        initial = llm.backend.placement
+        llm.generate(PROMPTS, GREEDY)
+        assert llm.rebalance()["moved"] > 0
+        back = llm.rebalance(placement=initial)
+        assert back["requested"] and back["moved"] > 0 and back["predicted"]["pair_imbalance"] > 0
+        held = {n: s["slots"] for n, s in llm.backend.reports("settings").items() if n.startswith("experts")}
+        assert [tuple(tuple(held[f"experts-{g}"][i]) for g in range(4)) for i in range(4)] == list(initial)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+        with pytest.raises(ValueError, match="layer 0: no group holds experts \\[7\\]"):
+            llm.rebalance(placement=[[[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 3, 4]]] * 4)
+        with pytest.raises(ValueError, match="slots"):
+            llm.rebalance(placement=[[[0, 1], [2, 3], [4, 5], [6, 7]]] * 4)

@@ -414,6 +414,26 @@ def plan_placement(
     return chosen, report
 
 
+def checked_placement(
+    placement: Sequence[Sequence[Sequence[int]]], slots: Sequence[int], num_layers: int, num_experts: int
+) -> Placement:
+    """`placement` ([layer][group] -> experts in slot order) as a Placement, if it fits a copy with
+    these slots per group: every layer, every group with its number of slots, no expert twice in a
+    group, every expert held somewhere. PlacementError naming what does not fit otherwise."""
+    if len(placement) != num_layers:
+        raise PlacementError(f"a placement needs {num_layers} layers, got {len(placement)}")
+    for layer, groups in enumerate(placement):
+        if [len(g) for g in groups] != list(slots):
+            raise PlacementError(f"layer {layer}: the groups have {list(slots)} slots, got {[len(g) for g in groups]}")
+        for g, experts in enumerate(groups):
+            if len(set(experts)) != len(experts) or not all(0 <= e < num_experts for e in experts):
+                raise PlacementError(f"layer {layer}, group {g}: experts {list(experts)} are not distinct ids "
+                                     f"below {num_experts}")  # fmt: skip
+        if missing := set(range(num_experts)) - {e for g in groups for e in g}:
+            raise PlacementError(f"layer {layer}: no group holds experts {sorted(missing)}")
+    return tuple(tuple(tuple(int(e) for e in g) for g in groups) for groups in placement)
+
+
 def _summed(steps: Sequence[RecordedStep]) -> list[list[float]]:
     """[layer][expert] -> pairs over `steps`."""
     return [[float(sum(x)) for x in zip(*layer, strict=True)] for layer in zip(*(c for _, c in steps), strict=True)]

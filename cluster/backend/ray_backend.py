@@ -36,7 +36,9 @@ from cluster.backend.placement import (
     check_memory,
     check_resources,
     check_transport,
+    checked_placement,
     plan_placement,
+    predict_steps,
     slots_per_group,
     worker_resources,
     worker_specs,
@@ -44,7 +46,7 @@ from cluster.backend.placement import (
 from cluster.engine.core import EngineError, Executed, Report, ShardsLost
 from cluster.engine.expert_balancer import RecordedStep, layer_imbalance
 from protocol.expert_cost import ExpertCost, compiled_split
-from protocol.experts import Placement
+from protocol.experts import AnyPlacement, Placement
 from protocol.step import ShardBatch, StepMessage, step_messages
 from protocol.worker import Role, WorkerSetup
 
@@ -562,7 +564,11 @@ class RayBackend:
     # ---- expert placement --------------------------------------------------------------------
 
     def begin_rebalance(
-        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+        self,
+        expert_counts: torch.Tensor,
+        group_tokens: torch.Tensor,
+        steps: list[RecordedStep],
+        placement: AnyPlacement | None = None,
     ) -> dict[str, Any]:
         """Place every layer's experts for the load of `steps` (the last ones recorded; without them,
         `expert_counts` [L, E] as one step) by the cost model (`plan_placement`); the groups start
@@ -573,7 +579,11 @@ class RayBackend:
         if self._staging is not None:
             raise RuntimeError("a re-placement is already under way")
         steps = steps or [("all", expert_counts.tolist())]
-        new, report = plan_placement(steps, self.placement, self.slots, self.cost)
+        if placement is None:
+            new, report = plan_placement(steps, self.placement, self.slots, self.cost)
+        else:  # as asked: what the model expects of it, taken whatever that is
+            new = checked_placement(placement, self.slots, self.setup.model.num_layers, self.setup.model.num_experts)
+            report = {"requested": True, "predicted": predict_steps(steps, new, len(self.slots), self.cost)}
         report = {"imbalance_before": layer_imbalance(group_tokens.tolist())} | report
         if "refused" in report:
             return report | {"moved": 0, "placement": [[list(g) for g in layer] for layer in self.placement]}

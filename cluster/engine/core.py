@@ -40,6 +40,7 @@ from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
 from protocol.config import EngineSection, LLMConfig
 from protocol.expert_cost import TOKENS
+from protocol.experts import AnyPlacement
 from protocol.step import Sampled, SeqChunk, ShardBatch, ShardRunner
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,11 @@ class LocalBackend:
         return Executed([sampled], counts, pairs, torch.zeros(pairs.shape, dtype=torch.float64))
 
     def begin_rebalance(
-        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+        self,
+        expert_counts: torch.Tensor,
+        group_tokens: torch.Tensor,
+        steps: list[RecordedStep],
+        placement: AnyPlacement | None = None,
     ) -> dict[str, Any]:
         raise RebalanceUnavailable("re-placing experts needs expert groups; this copy runs in one process")
 

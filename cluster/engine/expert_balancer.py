@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from protocol.expert_cost import ExpertCost
+from protocol.experts import AnyPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,16 @@ class Placer(Protocol):
     cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
 
     def begin_rebalance(
-        self, expert_counts: torch.Tensor, group_tokens: torch.Tensor, steps: list[RecordedStep]
+        self,
+        expert_counts: torch.Tensor,
+        group_tokens: torch.Tensor,
+        steps: list[RecordedStep],
+        placement: AnyPlacement | None = None,
     ) -> dict[str, Any]:
         """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
-        `group_tokens` [L, G]; `steps`: the last steps' own counts) and start moving weights; the
-        report of what it will do, or why it keeps the placement it has ("refused"). Steps go on."""
+        `group_tokens` [L, G]; `steps`: the last steps' own counts), or as `placement` says, and start
+        moving weights; the report of what it will do, or why it keeps the placement it has
+        ("refused"). Steps go on."""
         ...
 
     def finish_rebalance(self) -> dict[str, Any] | None:
@@ -94,14 +100,16 @@ class ExpertBalancer:
             acc[1] += self.placer.cost.ideal_time(seconds)
         acc[2] += 1
 
-    def begin(self, done: concurrent.futures.Future[dict[str, Any]] | None = None) -> None:
-        """Place the experts anew from the load since the last placement; weights move while steps go
-        on, and `maintain` switches to it between two steps. `done` gets the re-placement's report
-        (this one's, or that of one already under way)."""
+    def begin(
+        self, done: concurrent.futures.Future[dict[str, Any]] | None = None, placement: AnyPlacement | None = None
+    ) -> None:
+        """Place the experts anew from the load since the last placement (or as `placement` says);
+        weights move while steps go on, and `maintain` switches to it between two steps. `done` gets
+        the re-placement's report (this one's, or that of one already under way)."""
         if not self.moving:
             report = self.placer.begin_rebalance(
-                self.since_counts.clone(), self.since_groups.clone(), list(self.recorded)
-            )  # raises before anything waits on it (RebalanceUnavailable)
+                self.since_counts.clone(), self.since_groups.clone(), list(self.recorded), placement
+            )  # raises before anything waits on it (RebalanceUnavailable, a malformed placement)
         if done is not None:
             self._waiting.append(done)
         if self.moving:

@@ -114,13 +114,16 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         (hosts.home(head) / ".ray").mkdir()
         (hosts.home(head) / ".ray" / "auth_token").write_text(hosts.token)  # `ray get-auth-token --generate`
         config = _launcher_config(hosts, tmp_path / "cluster.yaml")
+        log, started = logging.getLogger(__name__), time.monotonic()
         r = hosts.run(head, hosts.ssh_argv(head, f"ray up -y --no-config-cache {config}"), timeout_s=300, check=False)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        log.info("ray up: the head up in %.0f s", time.monotonic() - started)
         try:
             deadline = time.monotonic() + 180  # the autoscaler brings the nodes in over SSH
             while (alive := _nodes_alive(hosts)) < 3 and time.monotonic() < deadline:
                 time.sleep(3)
             assert alive == 3, f"{alive} of 3 nodes joined"
+            log.info("ray up: both nodes joined %.0f s after the start", time.monotonic() - started)
             for host in hosts.hosts:  # the mount gave each machine the cluster's token
                 assert (hosts.home(host) / ".ray" / "auth_token").read_text().strip() == hosts.token
 
@@ -138,6 +141,7 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
             answer = hosts.run(head, [sys.executable, "-c", _client(f"http://{head.ip}:8000")], timeout_s=300,
                                check=False)  # fmt: skip
             assert answer.returncode == 0, (answer.stderr[-2000:], (tmp_path / "serve.log").read_text()[-3000:])
+            log.info("serve: answered %.0f s after the start", time.monotonic() - started)
             where = hosts.run(head, hosts.ssh_argv(head, f'RAY_AUTH_MODE=token python -c "{WHERE}"'))
             hosts.run(head, hosts.ssh_argv(head, f"kill -TERM $(cat {tmp_path}/serve.pid)"))  # Ctrl-C
         finally:
@@ -146,7 +150,8 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         downed = time.monotonic()  # the nodes' Ray notices the head is gone (10 s), then ends
         while (left := _leftovers(hosts)) and time.monotonic() < downed + 120:
             time.sleep(1)
-        logging.getLogger(__name__).info("ray down: every host empty %.0f s later", time.monotonic() - downed)
+        log.info("ray down: every host empty %.0f s later (%.0f s after the start)", time.monotonic() - downed,
+                 time.monotonic() - started)  # fmt: skip
         assert not left, f"processes left behind after ray down: {left}"
 
     from cluster.engine.request import SamplingParams

@@ -225,14 +225,15 @@ class Hosts:
         """The host's own /root: what its processes see there (~/.ray, ~/ray_bootstrap_*, ~/.bashrc)."""
         return Path(host.temp_dir) / "root"
 
-    def start_sshd(self, env: Mapping[str, str] | None = None) -> None:
+    def start_sshd(self, env: Mapping[str, str] | None = None, shared: Sequence[str] = ()) -> None:
         """sshd on every host (port 22 of its address; key authentication only, for root), each in PID
         and mount namespaces of its own as well, so that it is a machine in these ways too: `ray stop`
         in a session there (the cluster launcher runs it) sees and ends that host's processes only,
         never other Rays on this machine, and /root is the host's own (`home`; this Python's install
         is mounted back into it where it lives under /root), so that nothing a session writes to ~
         reaches this machine's. Sessions get this Python environment first on PATH, as a machine with
-        the project installed, and `env`."""
+        the project installed, and `env`. `shared`: directories of this machine's /root that every
+        host sees as its own at the same path (what machines made from one image have alike)."""
         sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin")
         if sshd is None:
             raise RuntimeError("sshd is missing: apt-get install openssh-server")
@@ -244,6 +245,7 @@ class Hosts:
         bin_dir = Path(sys.executable).parent
         keep = sorted({Path(p).relative_to("/root").parts[0] for p in (sys.base_prefix, sys.prefix,
                        os.path.realpath(sys.executable)) if Path(p).is_relative_to("/root")})  # fmt: skip
+        keep += [str(Path(p).relative_to("/root")) for p in shared if Path(p).is_relative_to("/root")]
         for i, host in enumerate(self.hosts):
             home = self.home(host)
             home.mkdir(parents=True, exist_ok=True)

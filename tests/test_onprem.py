@@ -106,10 +106,11 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         # machine's build of the CPU kernels, as machines made from one image share it: the set-up's
         # `build-kernels` finds it, the expert split's too (the builds themselves are tests/test_cpu_kernels.py's
         # and tests/test_expert_cost.py's; ~30 s a host).
-        env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+        env, shared = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}, []
         if (kernels := compiled.build()) is not None and compiled_split() is not None:
             env["TORCH_EXTENSIONS_DIR"] = str(Path(kernels.__file__).parent.parent)
-        hosts.start_sshd(env=env)
+            shared.append(env["TORCH_EXTENSIONS_DIR"])  # under /root, which is each host's own
+        hosts.start_sshd(env=env, shared=shared)
         head, *nodes = hosts.hosts
         (hosts.home(head) / ".ray").mkdir()
         (hosts.home(head) / ".ray" / "auth_token").write_text(hosts.token)  # `ray get-auth-token --generate`

@@ -89,10 +89,8 @@ class ExpertCost:
 def fitted_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through the points, the intercept at least 0
     and the slope at least 1e-9 s (a row always costs something)."""
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
-    slope = max(slope, 1e-9)
-    return max(mean_y - slope * mean_x, 0.0), slope
+    slope = max(statistics.linear_regression(xs, ys).slope, 1e-9)
+    return max(statistics.fmean(ys) - slope * statistics.fmean(xs), 0.0), slope  # through the means
 
 
 TOKENS = ExpertCost(weight_s=0.0, row_s=1.0, source="tokens")  # rows only: balance pair counts

@@ -20,6 +20,7 @@ import torch
 from transformers import MixtralForCausalLM
 
 from actors.expert_group import moves_to
+from benchmarks.skewed import held_placement
 from benchmarks.workload import skewed_copy
 from cluster.engine.core import RebalanceUnavailable
 from cluster.engine.request import SamplingParams
@@ -86,10 +87,7 @@ def test_replicas_balance_a_skewed_load_while_requests_run(skewed: Path, referen
         assert report["imbalance_after"] <= 0.6 * report["imbalance_before"], report
         placed = report["placement"]
         assert all(sum(6 in g for g in layer) >= 2 and sum(7 in g for g in layer) >= 2 for layer in placed)
-        held = {n: s["slots"] for n, s in llm.backend.reports("settings").items() if n.startswith("experts")}
-        assert [held[f"experts-{g}"][layer] for layer in range(4) for g in range(4)] == [
-            placed[layer][g] for layer in range(4) for g in range(4)
-        ]  # the groups hold what the report says
+        assert held_placement(llm) == placed  # the groups hold what the report says
 
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference  # after
         after = llm.stats()
@@ -156,10 +154,7 @@ def test_each_switch_takes_the_weights_read_for_it(skewed: Path, reference: list
             ray.get(
                 [a.commit.remote(number) for _, a in groups] + [r.commit_placement.remote(placement) for r in routers]
             )
-            held = {n: s["slots"] for n, s in backend.reports("settings").items() if n.startswith("experts")}
-            assert [tuple(tuple(held[f"experts-{g}"][layer]) for g in range(4)) for layer in range(4)] == list(
-                placement
-            )
+            assert held_placement(llm) == [[list(g) for g in layer] for layer in placement]
             assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
 
 
@@ -178,8 +173,7 @@ def test_a_replacement_during_which_a_group_was_replaced_is_abandoned(skewed: Pa
         report = backend.finish_rebalance()
         assert report is not None and report["refused"].endswith("the placement stays") and report["moved"] == 0, report
         assert backend.placement == initial
-        held = {n: s["slots"] for n, s in backend.reports("settings").items() if n.startswith("experts")}
-        assert [tuple(tuple(held[f"experts-{g}"][i]) for g in range(4)) for i in range(4)] == list(initial)
+        assert held_placement(llm) == [[list(g) for g in layer] for layer in initial]
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
 
 
@@ -192,8 +186,7 @@ def test_a_placement_given_is_taken_and_a_malformed_one_refused(skewed: Path, re
         assert llm.rebalance()["moved"] > 0
         back = llm.rebalance(placement=initial)
         assert back["requested"] and back["moved"] > 0 and back["predicted"]["pair_imbalance"] > 0
-        held = {n: s["slots"] for n, s in llm.backend.reports("settings").items() if n.startswith("experts")}
-        assert [tuple(tuple(held[f"experts-{g}"][i]) for g in range(4)) for i in range(4)] == list(initial)
+        assert held_placement(llm) == [[list(g) for g in layer] for layer in initial]
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
         with pytest.raises(ValueError, match="layer 0: no group holds experts \\[7\\]"):
             llm.rebalance(placement=[[[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 3, 4]]] * 4)

@@ -395,6 +395,7 @@ class RayBackend:
                 name, error = next(iter(errors.items()))
                 self.shutdown()
                 raise EngineError(f"worker {name} failed during step: {_first_line(error)}") from error
+            dead += self._going_with(dead)
             self._recover(dead)
             lost = [self.specs[i].index for i in dead if self.specs[i].role == "attention"]
             if lost:
@@ -515,6 +516,20 @@ class RayBackend:
                 errors[self.specs[i].name] = o
             results.append(None)
         return results, dead, errors
+
+    def _going_with(self, dead: list[int]) -> list[int]:
+        """The other workers on the hosts of the `dead` ones where that host has lost its Ray: such a
+        worker's process outlives its raylet for a moment, so it may have failed the step as a survivor
+        (`DataPlaneBroken`) rather than as dead, and it dies when Ray calls the host dead, which may
+        be while the data plane forms anew after the recovery (seen in `tests/test_node_loss.py`: the
+        copy was given up). Replaced with the dead ones instead."""
+        known = ray.nodes()  # type: ignore[no-untyped-call]
+        gone = {n for n in {self.nodes[i] for i in dead} if self._host_state(n, known) == "gone"}
+        going = [i for i, node in enumerate(self.nodes) if i not in dead and node in gone]
+        if going:
+            logger.warning("worker %s shares a lost host with a dead worker; replacing it too",
+                           ", ".join(self.specs[i].name for i in going))  # fmt: skip
+        return going
 
     def _verdict_pending(self, workers: list[int], known: list[dict[str, Any]]) -> bool:
         """Whether Ray still holds alive (in `known`, `ray.nodes()`) every host of these workers: none

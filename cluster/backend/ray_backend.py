@@ -228,6 +228,13 @@ class RayBackend:
         assert self.pg is not None
         pg_id = self.pg.id.hex()
         no_room_since: float | None = None
+        # Its host lost its Ray and Ray has not called it dead yet: nothing can start in its bundle until
+        # Ray does (which took 32 s in a CI run), so where there is no room to place it again, waiting
+        # for the verdict only delays the 503s. Free resources first, the verdict after (_step_everywhere).
+        if (self._host_state(self.nodes[i], ray.nodes()) == "gone" and not self._room_for([i])  # type: ignore[no-untyped-call]
+                and self._verdict_pending([i], ray.nodes())):  # type: ignore[no-untyped-call]  # fmt: skip
+            raise EngineError(f"the host of worker {self.specs[i].name} lost its Ray and there is no room left "
+                              "to place it again: the copy is given up")  # fmt: skip
         while True:
             while (table := ray.util.placement_group_table(self.pg)).get("state") != "CREATED":
                 now = time.monotonic()

@@ -230,9 +230,8 @@ class RayBackend:
         no_room_since: float | None = None
         # Its host lost its Ray and Ray has not called it dead yet: nothing can start in its bundle until
         # Ray does (which took 32 s in a CI run), so where there is no room to place it again, waiting
-        # for the verdict only delays the 503s. Free resources first, the verdict after (_step_everywhere).
-        if (self._host_state(self.nodes[i], ray.nodes()) == "gone" and not self._room_for([i])  # type: ignore[no-untyped-call]
-                and self._verdict_pending([i], ray.nodes())):  # type: ignore[no-untyped-call]  # fmt: skip
+        # for the verdict only delays the 503s.
+        if self._host_state(self.nodes[i], ray.nodes()) == "gone" and self._no_room_before_verdict([i]):  # type: ignore[no-untyped-call]
             raise EngineError(f"the host of worker {self.specs[i].name} lost its Ray and there is no room left "
                               "to place it again: the copy is given up")  # fmt: skip
         while True:
@@ -468,11 +467,7 @@ class RayBackend:
                     # (on a loaded machine that can take longer than the grace); they are replaced then,
                     # unless there is no room for them: then nothing is gained by waiting for the verdict.
                     lost_workers = [refs.index(r) for r in pending]
-                    # The free resources first, Ray's verdict after: once Ray calls the host dead it
-                    # places the lost bundles again at once, reserving their room on the nodes left,
-                    # which then no longer shows as free. Still alive after the read: nothing was
-                    # reserved before it, so the free resources are all there is.
-                    if not self._room_for(lost_workers) and self._verdict_pending(lost_workers, ray.nodes()):  # type: ignore[no-untyped-call]
+                    if self._no_room_before_verdict(lost_workers):
                         no_room = lost_workers
                         break
                     awaiting_verdict = True
@@ -537,6 +532,14 @@ class RayBackend:
             logger.warning("worker %s shares a lost host with a dead worker; replacing it too",
                            ", ".join(self.specs[i].name for i in going))  # fmt: skip
         return going
+
+    def _no_room_before_verdict(self, workers: list[int]) -> bool:
+        """Whether the cluster has no room for these workers' bundles while Ray still holds their hosts
+        alive. The free resources first, Ray's verdict after: once Ray calls a host dead it places the
+        lost bundles again at once, reserving their room on the nodes left, which then no longer shows
+        as free. Still alive after the read: nothing was reserved before it, so the free resources are
+        all there is."""
+        return not self._room_for(workers) and self._verdict_pending(workers, ray.nodes())  # type: ignore[no-untyped-call]
 
     def _verdict_pending(self, workers: list[int], known: list[dict[str, Any]]) -> bool:
         """Whether Ray still holds alive (in `known`, `ray.nodes()`) every host of these workers: none

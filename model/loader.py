@@ -34,6 +34,17 @@ def param_target(name: str, expert_slot: Callable[[int], int] = lambda e: e) -> 
     return short, None
 
 
+def materialise(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Each parameter of `module` (built on the meta device) made an empty one of `dtype` on `device`:
+    what `to_empty` then `to(dtype)` do, without their path through meta tensors. That path runs
+    torch's Python reference ops, whose first use imports torch's compiler stack (sympy, dynamo):
+    ~1-2 s of CPU in each process that loads a model, every worker of every copy."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            kind = dtype if p.is_floating_point() else p.dtype
+            setattr(sub, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=kind), p.requires_grad))
+
+
 def load_into(
     module: nn.Module,
     checkpoint: Checkpoint,
@@ -48,8 +59,7 @@ def load_into(
     Every parameter must be filled exactly once: a parameter (or expert row) left empty, or a
     name filling nothing, is an error naming it.
     """
-    module.to_empty(device=device)
-    module.to(dtype)
+    materialise(module, device, dtype)
     params = dict(module.named_parameters())
     filled: dict[str, set[int | None]] = {p: set() for p in params}
     for name, tensor in checkpoint.read(names, device=device, dtype=dtype, progress=progress):

@@ -83,7 +83,11 @@ class Mixtral(nn.Module):
         self.parts = frozenset(parts)
         self.kernels = kernels or TorchKernels()
         if "embed" in parts:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            # Its weight given, not drawn: a random init on the meta device (how models are built to be
+            # loaded) goes through torch's reference ops and imports its compiler stack.
+            self.embed_tokens = nn.Embedding(
+                config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+            )
         self.layers = nn.ModuleList(
             DecoderLayer(config, parts, experts, self.kernels) for _ in range(config.num_layers)
         )

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,12 @@ def kill_namespace(name: str) -> int:
 
 
 # PID 1 of an SSH host's namespaces: gives the host its own /root (with this Python's install mounted
-# back) and its own storage under the one Ray temp path all hosts share (Ray's nodes take the head's
-# session directory path, which on real machines names a directory on each machine's own disk),
-# starts sshd, reaps the orphans Ray's daemons leave, and ends with sshd.
+# back; its own Ray temp directory it has from `Host.command`), starts sshd, reaps the orphans Ray's
+# daemons leave, and ends with sshd.
 _HOST_INIT = """
 import json, os, subprocess, sys
 spec = json.loads(sys.argv[1])
 mount = lambda src, dst: subprocess.run(["mount", "--bind", src, dst], check=True)
-mount(spec["tmp"], spec["ray_tmp"])
 mount("/root", spec["real"])
 mount(spec["home"], "/root")
 for name in spec["keep"]:
@@ -89,16 +88,23 @@ class Host:
     ip: str
     hostname: str  # what its /etc/hosts maps to 127.0.1.1
     temp_dir: str  # its own temporary directory: Ray's sessions, sockets and last-cluster file live there
+    ray_tmp: str  # the one path every host's RAY_TMPDIR names, its own temp_dir mounted there
 
     def command(self, argv: Sequence[str], env: Mapping[str, str | None] | None = None) -> list[str]:
         """`argv` run inside this host, with `env` added to the environment. RAY_TMPDIR keeps the
         host's Ray files apart, as on a machine of its own: without it every host, and every other
         Ray on this machine, would share /tmp/ray (`ray start` leaves the address of the cluster it
-        joined there, where a later `ray.init()` anywhere on the machine would find it)."""
-        given = {"RAY_TMPDIR": self.temp_dir} | dict(env or {})  # a None value unsets the variable
+        joined there, where a later `ray.init()` anywhere on the machine would find it). It names
+        one path on every host, with the host's own directory mounted there (in the mount namespace
+        `ip netns exec` gives the command): Ray's nodes take the head's session directory path,
+        which on real machines names a directory on each machine's own disk, and which here would
+        otherwise be the head's, shared by every node (log and socket names raced on when nodes
+        join at once)."""
+        given = {"RAY_TMPDIR": self.ray_tmp} | dict(env or {})  # a None value unsets the variable
         extra = [f"{k}={v}" for k, v in given.items() if v is not None]
         unset = [arg for k, v in given.items() if v is None for arg in ("-u", k)]
-        return ["ip", "netns", "exec", self.name, "env", *unset, *extra, *argv]
+        own_tmp = ["sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", self.temp_dir, self.ray_tmp]
+        return ["ip", "netns", "exec", self.name, *own_tmp, "env", *unset, *extra, *argv]
 
     def pids(self) -> list[int]:
         return namespace_pids(self.name)
@@ -143,8 +149,11 @@ class Hosts:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("link", "set", self.bridge, "up")
         machine = socket.gethostname()
+        Path(self.ray_tmp).mkdir(parents=True, exist_ok=True)
         for i in range(self.n):
-            host = Host(f"mx{self.tag}h{i}", f"{subnet}.{i + 1}", f"host{i}", f"/tmp/mxray-{self.tag}-{i}")
+            host = Host(
+                f"mx{self.tag}h{i}", f"{subnet}.{i + 1}", f"host{i}", f"/tmp/mxray-{self.tag}-{i}", self.ray_tmp
+            )
             Path(host.temp_dir).mkdir(parents=True, exist_ok=True)
             self.hosts.append(host)
             _ip("netns", "add", host.name)
@@ -183,16 +192,18 @@ class Hosts:
     def start_ray(
         self, cpus: Sequence[int], resources: Sequence[str | None] = (), system_config: dict[str, Any] | None = None
     ) -> None:
-        """`ray start --head` on host 0 with `cpus[0]` CPUs, then every other host joins it with its
-        `cpus[i]` and `resources[i]` (JSON); `system_config` goes to the head (e.g. faster failure
-        detection)."""
+        """`ray start --head` on host 0 with `cpus[0]` CPUs, then every other host joins it (all at
+        once) with its `cpus[i]` and `resources[i]` (JSON); `system_config` goes to the head (e.g.
+        faster failure detection)."""
         head = self.hosts[0]
         extra = [f"--system-config={json.dumps(system_config)}"] if system_config else []
         self.run(head, [RAY, "start", "--head", f"--node-ip-address={head.ip}", f"--port={RAY_PORT}",
                         f"--num-cpus={cpus[0]}", "--include-dashboard=false", "--disable-usage-stats",
                         *extra])  # fmt: skip
-        for i, host in enumerate(self.hosts[1:], start=1):
-            self.run(host, self.join_argv(host, cpus[i], resources[i] if i < len(resources) else None))
+        joins = [self.join_argv(h, cpus[i], resources[i] if i < len(resources) else None)
+                 for i, h in enumerate(self.hosts) if i > 0]  # fmt: skip
+        with ThreadPoolExecutor(max(1, len(joins))) as pool:  # all at once, as a cluster's machines boot
+            list(pool.map(self.run, self.hosts[1:], joins))
 
     def join_argv(self, host: Host, cpus: int, resources: str | None = None) -> list[str]:
         """`ray start` joining `host` to the head, as its node set-up (or a supervisor restarting it) runs it."""
@@ -218,7 +229,7 @@ class Hosts:
 
     @property
     def ray_tmp(self) -> str:
-        """RAY_TMPDIR on every SSH host: one path, each host's own directory behind it."""
+        """RAY_TMPDIR on every host: one path, each host's own directory behind it (`Host.command`)."""
         return f"/tmp/mxray-{self.tag}"
 
     def home(self, host: Host) -> Path:
@@ -238,7 +249,6 @@ class Hosts:
         if sshd is None:
             raise RuntimeError("sshd is missing: apt-get install openssh-server")
         self.ssh_dir.mkdir(parents=True, exist_ok=True)
-        Path(self.ray_tmp).mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.ssh_key)], check=True)
         (self.ssh_dir / "authorized_keys").write_text(self.ssh_key.with_suffix(".pub").read_text())
@@ -263,8 +273,7 @@ class Hosts:
             )
             real = self.ssh_dir / f"real_root_{i}"  # where the machine's /root stays reachable, for `keep`
             real.mkdir()
-            spec = json.dumps({"home": str(home), "real": str(real), "keep": keep, "tmp": host.temp_dir,
-                               "ray_tmp": self.ray_tmp,
+            spec = json.dumps({"home": str(home), "real": str(real), "keep": keep,
                                "sshd": [sshd, "-D", "-e", "-f", str(config)]})  # fmt: skip
             argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _HOST_INIT, spec]
             self.start(host, argv, log=self.ssh_dir / f"sshd_{i}.log")

@@ -32,7 +32,7 @@ from cluster.backend.ray_backend import connect_ray
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from tests.hosts import kill_namespace, namespace_pids
-from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
+from tests.serve_helpers import PROMPT, Load, census, census_back, serving, wait_until_serving
 
 RAYLET_EXIT_S = 90.0  # how long a raylet Ray has called dead may take to hear so and exit
 SCENARIOS = ("crash", "crash-no-room", "partition")
@@ -133,7 +133,7 @@ def run_scenario(scenario: str, s: dict[str, Any], hosts: dict[str, dict[str, An
                 assert back.returncode == 0, back.stderr[-2000:]
         restored = time.monotonic()
         report["serving_again_s"] = wait_until_serving(url, probe, timeout_s=240)  # after the host is back
-    time.sleep(2.0)  # the replaced copy's old actors are reaped
+    census_after = census_back(census_before, timeout_s=10)  # the replaced copy's old actors are reaped
     after_workers = handle.workers.remote().result()
     stats = handle.stats.remote().result()
     in_flight = load.in_flight(broken)
@@ -157,7 +157,7 @@ def run_scenario(scenario: str, s: dict[str, Any], hosts: dict[str, dict[str, An
         "restored_after_s": restored - broken,
         "blocks_in_use": stats["blocks_in_use"],
         "census_before": census_before,
-        "census_after": census(),
+        "census_after": census_after,
     }
 
 

@@ -71,6 +71,15 @@ def census() -> tuple[int, int]:
     return actors, groups
 
 
+def census_back(before: tuple[int, int], timeout_s: float = 60) -> tuple[int, int]:
+    """The census once it is `before` again (a replaced copy's actors and groups are reaped a moment
+    after it serves), or as it stands at the deadline: a leak stays, and shows."""
+    deadline = time.monotonic() + timeout_s
+    while (now := census()) != before and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return now
+
+
 def answer(url: str) -> httpx.Response:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     return httpx.post(url + "/v1/completions", json=body, timeout=30)

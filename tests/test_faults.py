@@ -28,7 +28,7 @@ from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.serving.streams import HEALTH_TIMEOUT_S
 from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import MODEL, PROMPT, Load, census, serving, wait_until_serving
+from tests.serve_helpers import MODEL, PROMPT, Load, census, census_back, serving, wait_until_serving
 
 pytestmark = pytest.mark.serve
 
@@ -141,9 +141,6 @@ def test_a_worker_that_cannot_be_replaced_fails_the_copy_which_serve_replaces(
         if not weights.exists():
             hidden.rename(weights)
     recovered = wait_until_serving(url, expected["probe"], timeout_s=180)  # Serve's new copy
-    deadline = time.monotonic() + 60
-    while census() != before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert census() == before, "actors or placement groups leaked"
+    assert census_back(before) == before, "actors or placement groups leaked"
     logger.info("the replacement could not load its weights: in-flight requests got 503; a new copy served "
                 "%.1f s after the weights were back", recovered)  # fmt: skip

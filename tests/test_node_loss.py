@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import PROMPT, Load, census, serving, wait_until_serving
+from tests.serve_helpers import PROMPT, Load, census, census_back, serving, wait_until_serving
 
 pytestmark = pytest.mark.serve
 
@@ -78,9 +78,6 @@ def test_losing_a_model_node_replaces_its_workers_on_the_nodes_left(
     workers = serve.get_deployment_handle("LLMServer", app_name="mixtral").workers.remote().result()
     assert sorted(w["name"] for w in workers) == sorted(where)
     assert all(w["node_id"] != victim.node_id for w in workers)  # the replacements live on the nodes left
-    deadline = time.monotonic() + 60
-    while census() != before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert census() == before, f"actors or placement groups leaked (lost node held {lost})"
+    assert census_back(before) == before, f"actors or placement groups leaked (lost node held {lost})"
     logging.getLogger(__name__).info("node of %s lost: %d requests in flight, 0 failed, longest stall %.2f s",
                                      lost, len(load.in_flight(killed)), load.stall(killed))  # fmt: skip

@@ -90,10 +90,16 @@ def _client(url: str) -> str:
     """)  # fmt: skip
 
 
-def _nodes_alive(hosts: Hosts) -> int:
-    script = "import ray; ray.init(address='auto', logging_level='ERROR'); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"  # noqa: E501
+def _nodes_alive(hosts: Hosts, want: int, timeout_s: int) -> int:
+    """How many nodes are alive once `want` are, or at the end of `timeout_s`: one driver on the head
+    watching (a driver started per look would take CPU from the nodes' set-up)."""
+    script = (
+        "import ray, time; ray.init(address='auto', logging_level='ERROR'); "
+        "alive = lambda: sum(n['Alive'] for n in ray.nodes()); "
+        f"any(alive() >= {want} or time.sleep(1) for _ in range({timeout_s})); print('ALIVE', alive())"
+    )
     r = hosts.run(hosts.hosts[0], hosts.ssh_argv(hosts.hosts[0], f"RAY_AUTH_MODE=token python -c \"{script}\""),
-                  check=False, timeout_s=60)  # fmt: skip
+                  check=False, timeout_s=timeout_s + 60)  # fmt: skip
     alive = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("ALIVE ")]  # not Ray's own lines
     return int(alive[-1]) if r.returncode == 0 and alive else 0
 
@@ -120,9 +126,7 @@ def test_ray_up_on_premises_serves_and_ray_down_leaves_nothing(checkpoint_factor
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         log.info("ray up: the head up in %.0f s", time.monotonic() - started)
         try:
-            deadline = time.monotonic() + 180  # the autoscaler brings the nodes in over SSH
-            while (alive := _nodes_alive(hosts)) < 3 and time.monotonic() < deadline:
-                time.sleep(3)
+            alive = _nodes_alive(hosts, 3, timeout_s=180)  # the autoscaler brings the nodes in over SSH
             assert alive == 3, f"{alive} of 3 nodes joined"
             log.info("ray up: both nodes joined %.0f s after the start", time.monotonic() - started)
             for host in hosts.hosts:  # the mount gave each machine the cluster's token

@@ -2,10 +2,11 @@
 
 Each host has its own IPv4 address on a private /24 that only these namespaces use (the bridge
 has no address in the test's own namespace, and no host has a route out: nothing outside this
-machine is ever addressed), its own loopback, and an Ubuntu-style `/etc/hosts` (`ip netns exec`
+machine is ever addressed), its own loopback, an Ubuntu-style `/etc/hosts` (`ip netns exec`
 bind-mounts `/etc/netns/<name>/hosts`) in which the machine's hostname resolves to 127.0.1.1,
-the trap that makes gloo bind loopback. Ray runs on them as a user runs it: `ray start --head`
-on one, `ray start --address` on the others, token authentication on.
+the trap that makes gloo bind loopback, and its own directory for Ray's files. Ray runs on them
+as a user runs it: `ray start --head` on one, `ray start --address` on the others (all at once),
+token authentication on.
 
 Teardown kills only the processes of its own namespaces, by pid (`ip netns pids`), never with
 `ray stop` or `pkill` (which would end every Ray on the machine, other tests' included).

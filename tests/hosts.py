@@ -201,10 +201,11 @@ class Hosts:
         self.run(head, [RAY, "start", "--head", f"--node-ip-address={head.ip}", f"--port={RAY_PORT}",
                         f"--num-cpus={cpus[0]}", "--include-dashboard=false", "--disable-usage-stats",
                         *extra])  # fmt: skip
+        nodes = self.hosts[1:]
         joins = [self.join_argv(h, cpus[i], resources[i] if i < len(resources) else None)
-                 for i, h in enumerate(self.hosts) if i > 0]  # fmt: skip
-        with ThreadPoolExecutor(max(1, len(joins))) as pool:  # all at once, as a cluster's machines boot
-            list(pool.map(self.run, self.hosts[1:], joins))
+                 for i, h in enumerate(nodes, start=1)]  # fmt: skip
+        with ThreadPoolExecutor(max(1, len(nodes))) as pool:  # all at once, as a cluster's machines boot
+            list(pool.map(self.run, nodes, joins))
 
     def join_argv(self, host: Host, cpus: int, resources: str | None = None) -> list[str]:
         """`ray start` joining `host` to the head, as its node set-up (or a supervisor restarting it) runs it."""

@@ -10,8 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from model.config import preset_names
-from model.kernels import KERNEL_CHOICES
+from model.config import DTYPE_NAMES, KERNEL_CHOICES, preset_names
 
 BENCH_DESCRIPTION = (
     "Measure, side by side in one run: transformers vs the single-process engine vs the cluster "
@@ -42,7 +41,7 @@ def bench_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--layout", type=int, nargs=3, default=[1, 1, 2], metavar=("A", "R", "G"),
                    help="cluster layout: attention shards, routers, expert groups (default 1 1 2)")  # fmt: skip
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts (default 1 4 16)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--transport", choices=["nccl", "gloo"],
                    help="the cluster's data plane (default: nccl on cuda, gloo on cpu); gloo on cuda puts the "

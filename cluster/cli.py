@@ -19,23 +19,15 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.args import BENCH_DESCRIPTION, SOAK_DESCRIPTION, bench_parser, soak_parser
-from cluster.backend.placement import (
-    Layout,
-    PlacementError,
-    Slot,
-    assign_slots,
-    check_memory,
-    check_transport,
-    param_bytes,
-    worker_resources,
-    worker_specs,
-)
-from cluster.serving.config import ServeConfig
-from model.checkpoint import write_random_checkpoint
-from model.config import DTYPES, ModelConfig, preset_names, torch_dtype
+from model.config import DTYPE_NAMES, preset_names
+from protocol.experts import PlacementError
+
+# The options (and `--help`) need neither torch nor Ray: each command imports what it runs on.
+if TYPE_CHECKING:
+    from cluster.serving.config import ServeConfig
 
 logger = logging.getLogger("mixtral_cluster")
 GRPC_SERVICER = "cluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
@@ -46,6 +38,8 @@ def default_config_path() -> Path:
 
 
 def _load(path: str | None) -> ServeConfig:
+    from cluster.serving.config import ServeConfig
+
     return ServeConfig.load(path or default_config_path())
 
 
@@ -75,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     srv = cfg.serving
     bundles = cfg.replica_bundles(cfg.model_shape().num_experts)
     if args.address:
-        from cluster.backend.ray_backend import connect_ray
+        from cluster.backend.ray_connect import connect_ray
 
         connect_ray(args.address)  # RayRefused (a ConnectionError) names the token fix
     else:  # local mode: logical CPU slots for every replica's bundles, the ingress and the proxies
@@ -133,6 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from model.checkpoint_writers import write_random_checkpoint
+    from model.config import ModelConfig, torch_dtype
+
     dtype = torch_dtype(args.dtype)
     path = write_random_checkpoint(
         ModelConfig.preset(args.preset), args.dir, seed=args.seed, dtype=dtype, progress=True
@@ -146,6 +143,17 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def plan_rows(cfg: ServeConfig) -> tuple[list[tuple[str, str, str, int, int]], list[str]]:
     """(actor, node, device, weight bytes, KV bytes) per worker, and problems that make it unfit."""
+    from cluster.backend.placement import (
+        Layout,
+        Slot,
+        assign_slots,
+        check_memory,
+        check_transport,
+        param_bytes,
+        worker_resources,
+        worker_specs,
+    )
+
     shape = cfg.model_shape()
     clu = cfg.cluster
     specs = worker_specs(Layout.of(clu), shape.num_experts)
@@ -310,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", nargs="?", default="checkpoints/tiny", help="output directory (default checkpoints/tiny)")
     m.add_argument("--preset", default="tiny", choices=preset_names(), help="model shape (default tiny)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    m.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     m.set_defaults(fn=cmd_make_tiny)
 
     bk = sub.add_parser("build-kernels", help="compile the CPU decode kernels and the expert split on this host, "

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,17 +19,26 @@ Part = Literal["embed", "attention", "gate", "experts", "head"]
 # What each worker role holds: attention shards embed/attention/head, routers gates, expert groups experts.
 ALL_PARTS: frozenset[Part] = frozenset(("embed", "attention", "gate", "experts", "head"))
 
+if TYPE_CHECKING:
+    import torch
+
 DTypeName = Literal["float32", "bfloat16", "float16"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES: tuple[DTypeName, ...] = ("float32", "bfloat16", "float16")
+# The engine's kernels (`model.kernels.select_kernels`): named here so that options and configs
+# can list them without importing torch.
+KernelChoice = Literal["auto", "torch", "cpu", "cuda"]
+KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "torch", "cpu", "cuda")
 
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The torch dtype of a config's dtype name (or the dtype itself)."""
+    import torch  # here, not at the top: the command line's options read this module
+
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return getattr(torch, dtype)
 
 
 class ModelConfig(BaseModel):

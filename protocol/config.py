@@ -23,9 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.checkpoint import write_random_checkpoint
-from model.config import DTypeName, ModelConfig, torch_dtype
-from model.kernels import KernelChoice
+from model.checkpoint_writers import write_random_checkpoint
+from model.config import DTypeName, KernelChoice, ModelConfig, torch_dtype
 
 logger = logging.getLogger(__name__)
 

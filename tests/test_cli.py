@@ -45,6 +45,32 @@ def test_help_explains_each_command(command: list[str]) -> None:
         assert len(out.stdout.splitlines()) > 4  # a description and its options, not a bare usage line
 
 
+HELP_WITHOUT = ("torch", "ray", "transformers", "mistral_common", "llguidance")
+HELP_PROBE = """
+import contextlib, io, sys
+import cluster.cli
+for argv in sys.argv[1:]:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            cluster.cli.main(argv.split())
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    assert out.getvalue().startswith("usage: mixtral-cluster"), argv
+print(sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY)))
+"""
+
+
+def test_help_of_every_command_imports_neither_torch_nor_ray() -> None:
+    """`--help` answers at once: parsing options imports no torch, Ray or tokenizer (each costs
+    seconds of CPU), only what each command runs on once it runs."""
+    commands = ["--help", *(f"{c} --help" for c in ("serve", "generate", "make-tiny", "build-kernels", "plan",
+                                                    "bench", "soak"))]  # fmt: skip
+    code = f"HEAVY = {HELP_WITHOUT!r}" + HELP_PROBE
+    out = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"--help imported {out.stdout.strip()}"
+
+
 def test_plan_8x22b_on_two_8_gpu_nodes_fits() -> None:
     out = cli("plan", str(ROOT / "configs/mixtral-8x22b.yaml"))
     assert out.returncode == 0, out.stderr

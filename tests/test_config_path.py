@@ -86,7 +86,7 @@ CHECKS: dict[str, Check] = {
     "expert_groups": (3, lambda r: len(_workers(r, "experts"))),
     "single_process": (True, lambda r: r.single.backend.num_shards == 1 and not r.single.backend.reports("where")),
     "device": ("cpu", lambda r: _all_workers(r, "device").pop()),  # cuda needs a GPU: tests/test_gpu.py
-    "placement_strategy": ("SPREAD", lambda r: ray.util.placement_group_table(r.llm.backend.pg)["strategy"]),
+    "placement_strategy": ("SPREAD", lambda r: ray.util.placement_group_table(r.llm.backend.workers.pg)["strategy"]),
     "placement_timeout_s": (77.0, lambda r: r.llm.backend.setup.config.cluster.placement_timeout_s),
     "gpus_per_node": (2, lambda r: _plan_workers_per_node(r.cfg, gpus_per_node=2)),
     "gpu_memory_gb": (0.001, lambda r: 0.001 if _plan_refuses(r.cfg, gpu_memory_gb=0.001) else None),
@@ -136,7 +136,7 @@ SINGLE_ONLY = {"single_process", "kv_cache_gb"}  # set on the single-process cop
 
 def _same_weights(path: Path, seed: int) -> bool:
     """The checkpoint holds the seeded weights of that seed (its first tensor, compared)."""
-    from model.checkpoint import write_random_checkpoint
+    from model.checkpoint_writers import write_random_checkpoint
 
     name = "model.embed_tokens.weight"
     ((_, ours),) = Checkpoint(path).read([name])

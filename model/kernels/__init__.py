@@ -13,17 +13,14 @@ environment themselves. `select_kernels(choice, device, dtype)` maps the config'
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from model.config import KERNEL_CHOICES, KernelChoice
 from model.kernels.cpu import CpuKernels
 from model.kernels.cuda import CudaKernels
 from model.kernels.reference import TorchKernels
 
 Kernels = TorchKernels  # the interface: every implementation subclasses the reference
-KernelChoice = Literal["auto", "torch", "cpu", "cuda"]
-KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "torch", "cpu", "cuda")
 
 
 def select_kernels(choice: KernelChoice, device: torch.device | str, dtype: torch.dtype) -> Kernels:

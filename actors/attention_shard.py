@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from actors.worker import Worker
-from protocol.step import Sampled, ShardBatch, ShardRunner
+from protocol.shard_runner import ShardRunner
+from protocol.step import Sampled, ShardBatch
 from protocol.worker import WorkerSetup, WorkerSpec
 
 

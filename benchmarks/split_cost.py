@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import write_json
-from cluster.backend.placement import initial_placement, place_experts
+from cluster.backend.placement import initial_placement
+from cluster.engine.expert_planner import place_experts
 from protocol.expert_cost import ExpertCost, compiled_split, split_pairs, split_pairs_python
 from protocol.experts import holders
 

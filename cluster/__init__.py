@@ -6,12 +6,12 @@ placement, the Ray backend that starts and steps the worker actors, the Serve ap
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cluster.engine.core import EngineError
+    from cluster.engine.backend import EngineError
     from cluster.engine.request import RequestOutput, SamplingParams
     from cluster.llm import LLM
 
 __all__ = ["LLM", "EngineError", "RequestOutput", "SamplingParams"]
-_HOMES = {"LLM": "cluster.llm", "EngineError": "cluster.engine.core", "RequestOutput": "cluster.engine.request",
+_HOMES = {"LLM": "cluster.llm", "EngineError": "cluster.engine.backend", "RequestOutput": "cluster.engine.request",
           "SamplingParams": "cluster.engine.request"}  # fmt: skip
 
 

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from cluster.backend.placement import Layout, worker_setup
+from cluster.backend import open_backend
+from cluster.backend.placement import Layout
+from cluster.engine.backend import Backend, EngineError
 from cluster.engine.block_pool import blocks_for_budget
-from cluster.engine.core import Backend, Engine, EngineError, LocalBackend
+from cluster.engine.core import Engine
 from cluster.engine.request import CheckedRequest, RequestError, RequestFailed, RequestOutput, SamplingParams
 from cluster.engine.structured import Grammar, GrammarError, Grammars
 from model.config import ModelConfig
-from model.kernels import CudaKernels
-from model.loader import load_model
 from model.tokenizer import ChatFormatError, Tokenizer
 from protocol.config import LLMConfig
 from protocol.experts import AnyPlacement
@@ -138,7 +138,7 @@ class EngineLoop:
                     if self.engine.has_work:
                         cmd = self._commands.get(block=False)
                     else:
-                        wait = MAINTENANCE_S if self.engine.experts.needs_maintenance else None
+                        wait = MAINTENANCE_S if self.engine.needs_upkeep else None
                         cmd = self._commands.get(timeout=wait)
                 except queue.Empty:
                     cmd = _STEP
@@ -148,8 +148,7 @@ class EngineLoop:
                     cmd()
                     continue  # drain every queued command before the next step
                 try:
-                    outputs = self.engine.step() if self.engine.has_work else []
-                    self.engine.experts.maintain()  # between steps: the place to switch expert placements
+                    outputs = self.engine.step()  # with no request in, only its upkeep between steps
                 except Exception as e:
                     logger.exception("engine step failed")
                     self.error = f"the engine failed and cannot serve any more: {e}"
@@ -159,7 +158,7 @@ class EngineLoop:
         finally:
             with self._lock:
                 self._closed = True
-            self.engine.experts.abandon(EngineError(self.error or "the engine is shut down"))
+            self.engine.abandon_rebalance(EngineError(self.error or "the engine is shut down"))
             while not self._commands.empty():  # answer what was queued: add() refuses once error is set
                 cmd = self._commands.get_nowait()
                 if cmd is not None and cmd is not _STEP:
@@ -226,34 +225,22 @@ class LLM:
             self.model_config, eng.block_size, self.dtype, int(eng.kv_cache_gb * (1 << 30))
         )
         self.layout = Layout.of(config.cluster)
-        backend: Backend | None = None
-        if not config.cluster.single_process:
-            from cluster.backend.ray_backend import RayBackend  # Ray is only needed for the distributed path
-
-            setup = worker_setup(config, self.model_config, blocks)
-            backend = RayBackend(setup, ray_address, placement, bundle_offset)
+        make_backend = open_backend(config, self.model_config, self.checkpoint, blocks, ray_address, placement,
+                                    bundle_offset)  # fmt: skip
 
         def make_engine() -> Engine:
-            # One process, one thread for all its tensor work: with two threads each owning an
-            # OpenMP pool on a machine with no spare cores, libgomp stops its workers spinning
-            # between parallel regions and every op waits on a futex wake (measured: the mini
-            # workload 7.2 s instead of 4.9 s when the model was loaded on the caller's thread).
-            if backend is None:
-                model = load_model(self.checkpoint, self.dtype, config.cluster.device, kernels=eng.kernels)
-                # on a GPU with the cuda kernels (where they never read the device back), decode
-                # steps are recorded as CUDA graphs
-                weight = model.embed_tokens.weight
-                graphs = isinstance(model.kernels, CudaKernels) and CudaKernels.sync_free(weight.device, weight.dtype)
-                local = LocalBackend(model, blocks, eng, decode_graphs=graphs)
-                return Engine(local, self.model_config, self.tokenizer, config, blocks)
-            return Engine(backend, self.model_config, self.tokenizer, config, blocks)
-
-        try:
-            self._loop = EngineLoop(make_engine)
-        except BaseException:
-            if backend is not None:
+            # Built on the engine loop's thread, which then does all of the copy's tensor work in this
+            # process: with two threads each owning an OpenMP pool on a machine with no spare cores,
+            # libgomp stops its workers spinning between parallel regions and every op waits on a
+            # futex wake (the mini workload 7.2 s instead of 4.9 s, measured).
+            backend = make_backend()
+            try:
+                return Engine(backend, self.model_config, self.tokenizer, config, blocks)
+            except BaseException:
                 backend.shutdown()
-            raise
+                raise
+
+        self._loop = EngineLoop(make_engine)
         self.engine = self._loop.engine
         self._ids = itertools.count()
         self._closed = False
@@ -397,7 +384,7 @@ class LLM:
 
     def expert_token_counts(self) -> torch.Tensor:
         """Tokens routed to each expert so far, per layer: [L, E]."""
-        return self._loop.call(lambda: self.engine.experts.expert_counts.clone())
+        return self._loop.call(self.engine.expert_counts)
 
     def stats(self) -> dict[str, Any]:
         """Running / waiting sequences, KV blocks in use, and since the experts were last placed the
@@ -409,7 +396,7 @@ class LLM:
                     "waiting": self.engine.num_waiting(),
                     "blocks_in_use": self.engine.blocks_in_use(),
                 }
-                | self.engine.experts.load()
+                | self.engine.expert_load()
             )
         )
 
@@ -421,7 +408,7 @@ class LLM:
         weights moved. `RebalanceUnavailable` for a single-process copy; ValueError for a placement
         that does not fit the copy's slots."""
         done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self._loop.call(lambda: self.engine.experts.begin(done, placement))
+        self._loop.call(lambda: self.engine.rebalance(done, placement))
         try:
             return done.result(timeout=timeout_s)  # EngineError if the engine fails first
         except concurrent.futures.TimeoutError:

@@ -10,6 +10,10 @@ Placement = tuple[tuple[tuple[int, ...], ...], ...]  # [layer][group] -> experts
 AnyPlacement = Sequence[Sequence[Sequence[int]]]  # the same as lists, as a caller may write it
 
 
+class PlacementError(ValueError):
+    """A layout or placement that cannot exist, or cannot fit the cluster it was asked to run on."""
+
+
 def holders(groups: tuple[tuple[int, ...], ...] | list[list[int]], num_experts: int) -> list[list[int]]:
     """[expert] -> the groups holding it, from one layer's [group] -> experts."""
     return [[g for g, ids in enumerate(groups) if e in ids] for e in range(num_experts)]

@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.backend.ray_backend import connect_ray
+from cluster.backend.ray_connect import connect_ray
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from tests.hosts import kill_namespace, namespace_pids

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from cluster.backend.placement import param_bytes
-from cluster.engine.core import EngineError
+from cluster.engine.backend import EngineError
 from cluster.engine.request import RequestFailed, SamplingParams
 from cluster.llm import LLM
 from tests.helpers import (
@@ -99,7 +99,9 @@ def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
     assert delta.sum() > 0
     assert delta.tolist() == (single.expert_token_counts() - before_single).tolist()
     # The routers keep their own totals; together they are the engine's.
-    routers = [a for a, s in zip(copy.backend.actors, copy.backend.specs, strict=True) if s.role == "router"]
+    routers = [
+        a for a, s in zip(copy.backend.workers.actors, copy.backend.workers.specs, strict=True) if s.role == "router"
+    ]
     kept = sum(ray.get([r.expert_counts.remote() for r in routers]))
     assert kept.tolist() == copy.expert_token_counts().tolist()
 
@@ -107,7 +109,7 @@ def test_expert_counts_equal_single_process(copy: LLM, single: LLM) -> None:
 def test_each_worker_reads_and_holds_only_its_tensors(copy: LLM) -> None:
     backend = copy.backend
     loaded = backend.reports("loaded")
-    for spec in backend.specs:
+    for spec in backend.workers.specs:
         assert sorted(loaded[spec.name]["keys_read"]) == sorted(spec.weight_names(ENGINE_CONFIG)), spec.name
         assert loaded[spec.name]["param_bytes"] == param_bytes(ENGINE_CONFIG, spec, dtype_bytes=4), spec.name
 
@@ -147,7 +149,7 @@ def test_abort_frees_blocks_and_a_killed_worker_is_replaced_mid_request(ckpt) ->
     while llm.stats()["running"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     old = llm.backend.reports("where")["experts-1"]["pid"]
-    ray.kill(llm.backend.actors[-1])
+    ray.kill(llm.backend.workers.actors[-1])
     thread.join(timeout=60)
     assert not thread.is_alive(), "the request hung after its worker died"
     assert outputs[0].token_ids == reference_greedy(ckpt, [PROMPTS[1]], 120)[0]
@@ -168,7 +170,7 @@ def test_a_worker_that_cannot_be_replaced_fails_its_requests_fast(ckpt, tmp_path
         time.sleep(0.05)
     (private / "model.safetensors").rename(private / "hidden")  # the replacement finds no weights
     killed = time.monotonic()
-    ray.kill(llm.backend.actors[-1])
+    ray.kill(llm.backend.workers.actors[-1])
     thread.join(timeout=60)
     assert not thread.is_alive(), "the request hung after its worker died"
     assert time.monotonic() - killed < 30
@@ -192,7 +194,7 @@ def _capture(errors: list[BaseException], fn) -> None:
 
 
 def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
-    from cluster.backend.placement import PlacementError
+    from protocol.experts import PlacementError
 
     with pytest.raises(PlacementError, match=r"attention-0 needs 0\.0 GB of weights at 4 bytes per parameter"):
         LLM(ckpt, expert_groups=1, device="cuda", gpu_memory_gb=0.0001)
@@ -200,7 +202,7 @@ def test_gpu_plan_whose_weights_do_not_fit_is_refused_up_front(ckpt) -> None:
 
 
 def test_nccl_ranks_sharing_a_gpu_are_refused_before_any_actor_starts(ckpt) -> None:
-    from cluster.backend.placement import PlacementError
+    from protocol.experts import PlacementError
 
     groups = len(ray.util.placement_group_table())
     with pytest.raises(PlacementError, match=r"use cluster\.transport: gloo"):

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.engine.core import Engine, LocalBackend
+from cluster.backend.local_backend import LocalBackend
+from cluster.engine.core import Engine
 from cluster.engine.request import SamplingParams
 from model.decode_graphs import DecodeGraphs
 from model.kernels import CudaKernels, TorchKernels

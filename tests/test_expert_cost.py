@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from benchmarks import split_cost
-from cluster.backend.placement import initial_placement, place_experts, plan_placement, predict_steps
+from cluster.backend.placement import initial_placement
+from cluster.engine.expert_planner import place_experts, plan_placement, predict_steps
 from protocol.expert_cost import (
     ROW_UNITS,
     TOKENS,

@@ -11,9 +11,9 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
-from cluster.backend.placement import PlacementError
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
+from protocol.experts import PlacementError
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.ray
@@ -43,11 +43,11 @@ def test_workers_land_where_the_plan_says(three_nodes, checkpoint_factory, strat
     with LLM(ckpt, attention_shards=2, routers=1, expert_groups=3, block_size=4, num_blocks=64,
              placement_strategy=strategy, worker_resources={"GPU": 1.0, "CPU": 1.0}) as llm:  # fmt: skip
         backend = llm.backend
-        table = placement_group_table(backend.pg)
+        table = placement_group_table(backend.workers.pg)
         where = list(backend.reports("where").values())
         for i, w in enumerate(where):
             assert w["node_id"] == table["bundles_to_node_id"][i], w["name"]
-            assert w["placement_group_id"] == backend.pg.id.hex()
+            assert w["placement_group_id"] == backend.workers.pg.id.hex()
             assert len(w["gpu_ids"]) == 1, w["name"]
         nodes = Counter(w["node_id"] for w in where)
         assert set(nodes) <= gpu_nodes  # never on the CPU-only head

@@ -7,26 +7,24 @@ import torch
 
 from cluster.backend.placement import (
     Layout,
-    PlacementError,
     assign_slots,
     bundles,
     check_memory,
     check_resources,
     check_transport,
-    checked_placement,
     expert_map,
     initial_placement,
     param_bytes,
-    place_experts,
     shard_routers,
     slots_per_group,
     worker_resources,
     worker_specs,
 )
-from cluster.engine.expert_balancer import imbalance
+from cluster.engine.expert_planner import checked_placement, imbalance, place_experts
 from model import ModelConfig, weight_names
 from protocol.config import ClusterSection
 from protocol.expert_cost import split_pairs as split_tokens
+from protocol.experts import PlacementError
 
 pytestmark = pytest.mark.unit
 

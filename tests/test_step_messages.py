@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from benchmarks import step_messages as bench
+from cluster.backend.local_backend import LocalBackend
 from cluster.backend.placement import Layout, worker_specs
-from cluster.engine.core import Engine, LocalBackend
+from cluster.engine.core import Engine
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from model.config import ModelConfig
 from model.sampling import DrawParams
-from protocol.step import SeqChunk, ShardBatch, ShardRunner, step_messages
+from protocol.shard_runner import ShardRunner
+from protocol.step import SeqChunk, ShardBatch, step_messages
 from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.unit
@@ -113,7 +115,7 @@ def test_the_shards_tables_follow_the_engines_through_windows_preemption_and_for
         # Finished sequences are dropped on the shard with the next step; none is left from earlier ones.
         assert (
             set(backend.shard.tables)
-            == set(engine._drops[0])
+            == set(engine.shards._drops[0])
             == {o.request_id for o in forked} | {f"{o.request_id}#choice1" for o in forked if o.index == 0}
         )
 
@@ -141,7 +143,7 @@ def test_draw_settings_travel_once_and_penalised_forked_draws_match_sending_them
             backend = engine.backend
             assert isinstance(backend, LocalBackend)
             if every_chunk:
-                engine._primed = [_Forgetful() for _ in engine._primed]
+                engine.shards._primed = [_Forgetful() for _ in engine.shards._primed]
             carried = drawn = 0
             execute = backend.execute
 

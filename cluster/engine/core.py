@@ -1,13 +1,12 @@
 """The engine: requests in, tokens and text out, one `step` at a time.
 
-It schedules and steps: it owns the scheduler (with its block tables) and builds each step's
-messages; a `Backend` runs each step's batches (one per attention shard) and returns the sampled
-tokens; its `OutputProcessor` holds the requests and their choices and turns the tokens into text
-and reports (`cluster.engine.output_processor`), its `ExpertBalancer` keeps the experts' load and
-re-places them (`cluster.engine.expert_balancer`). Requests are `cluster.engine.request`'s.
-`LocalBackend` runs `model.Mixtral` in this process (the fast CPU path and the baseline);
-`cluster.backend.ray_backend.RayBackend` runs the same step over Ray actors. The engine is synchronous and
-single-threaded; `cluster.llm.LLM` drives it from a background thread for streaming.
+A step is three calls: schedule (the scheduler, with its block tables), the shards' batches
+(`ShardView`: each shard's chunks with what changed since it last saw them), execute (a `Backend`,
+known only by its protocol: `cluster.engine.backend`), then advance and process (the scheduler
+moves on, the `OutputProcessor` turns the tokens into text and reports, the `ExpertBalancer`
+records the experts' load and tends to a re-placement). Requests are `cluster.engine.request`'s.
+The engine is synchronous and single-threaded; `cluster.llm.LLM` drives it from a background
+thread for streaming.
 
 `Engine.check_request` is the one place a request is checked: anything that can never run raises
 `RequestError`, which names the OpenAI field (`param`) to blame; what passes is a `CheckedRequest`,
@@ -20,143 +19,31 @@ allowed-token bitmask to the shard that samples it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
-from cluster.engine.expert_balancer import ExpertBalancer, Placer, RecordedStep
+from cluster.engine.backend import Backend, Executed, ShardsLost
+from cluster.engine.expert_balancer import ExpertBalancer
 from cluster.engine.output_processor import OutputProcessor
 from cluster.engine.request import CheckedRequest, RequestError, RequestOutput, SamplingParams, check_token_ids
-from cluster.engine.scheduler import Chunk, Scheduler
+from cluster.engine.scheduler import Chunk, Schedule, Scheduler
 from cluster.engine.sequence import Sequence as SchedSeq
+from cluster.engine.shard_view import DrawRecord, ShardView, Work
 from cluster.engine.structured import Grammar, bitmask
 from model.config import ModelConfig
-from model.decode_graphs import DecodeGraphs
-from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
-from protocol.config import EngineSection, LLMConfig
-from protocol.expert_cost import TOKENS
+from protocol.config import LLMConfig
 from protocol.experts import AnyPlacement
-from protocol.step import Sampled, SeqChunk, ShardBatch, ShardRunner
+from protocol.step import SeqChunk, ShardBatch
 
 logger = logging.getLogger(__name__)
 
 EOS_WITHOUT_TOKENIZER = 2  # the end-of-sequence id of every Mistral vocabulary
-
-
-class EngineError(RuntimeError):
-    """The engine cannot serve any more (a worker died, the backend failed)."""
-
-
-Report = Literal["where", "loaded", "settings", "step_times"]
-
-
-class ShardsLost(Exception):
-    """Attention shards died and were replaced: their KV caches (and their sequences' state) are gone."""
-
-    def __init__(self, shards: list[int]) -> None:
-        super().__init__(f"attention shards {shards} were replaced; their sequences must be recomputed")
-        self.shards = shards
-
-
-class RebalanceUnavailable(ValueError):
-    """Re-placing experts needs expert groups: a single-process copy has one set of all of them."""
-
-
-@dataclass
-class Executed:
-    """What one step on a backend gave."""
-
-    sampled: list[list[Sampled]]  # per attention shard
-    expert_counts: torch.Tensor  # [L, E] tokens routed to each expert
-    group_tokens: torch.Tensor  # [L, G] (token, expert) pairs each expert group computed
-    group_seconds: torch.Tensor  # [L, G] their seconds by the copy's cost model (`protocol.expert_cost`)
-
-
-class Backend(Placer, Protocol):
-    num_shards: int
-    recoveries: list[dict[str, Any]]  # workers replaced after they died, and how long each took
-
-    def execute(self, batches: list[ShardBatch]) -> Executed:
-        """Run one step: per shard the sampled tokens, and where its tokens went."""
-        ...
-
-    def reports(self, report: Report) -> dict[str, Any]:
-        """Each worker's report, by worker name: where it runs, what it loaded, the settings it runs
-        with, its step times since the last call (`LLM.profile`). Empty without workers."""
-        ...
-
-    def set_profiling(self, on: bool) -> None:
-        """Start (or stop) the workers recording seconds per phase of each step."""
-        ...
-
-    def shutdown(self) -> None: ...
-
-
-class LocalBackend:
-    """The whole model in this process: one shard, one cache, no workers."""
-
-    num_shards = 1
-    num_groups = 1
-    cost = TOKENS  # one group: nothing to split
-
-    def __init__(self, model: Mixtral, num_blocks: int, settings: EngineSection, decode_graphs: bool = False) -> None:
-        """`decode_graphs`: run decode steps through `DecodeGraphs` (up to the settings' context
-        length and `max_seqs`), recorded as CUDA graphs on a GPU (the cache gets their scratch
-        block on top)."""
-        self.model = model
-        self.recoveries: list[dict[str, Any]] = []  # no workers to lose
-        weight = model.embed_tokens.weight
-        graphs = (model, settings.context_length(model.config), settings.max_seqs) if decode_graphs else None
-        self.shard = ShardRunner(model.config, num_blocks, settings.block_size, weight.dtype, weight.device, graphs)
-
-    @property
-    def graphs(self) -> DecodeGraphs | None:
-        return self.shard.graphs
-
-    @torch.inference_mode()
-    def execute(self, batches: list[ShardBatch]) -> Executed:
-        (batch,) = batches
-        self.shard.begin(batch)
-        cfg, device = self.model.config, self.shard.cache.k.device
-        counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)  # [L, E]
-        sampled: list[Sampled] = []
-        replayed = self.shard.replay(batch)
-        if replayed is not None:  # a decode step at a fixed shape, replayed
-            logits, counts = replayed
-            sampled = self.shard.draw(batch, logits, [(i, i + 1) for i in range(len(batch.chunks))])
-        elif batch.chunks:
-            p, cache = self.shard.pack(batch)
-            logits = self.model(p.tokens, p.positions, p.seq_lens, cache, p.logit_rows, expert_counts=counts)
-            sampled = self.shard.draw(batch, logits, p.spans)
-        counts = counts.cpu()  # the counters are read once per step
-        pairs = counts.sum(dim=1, keepdim=True)  # one group: all the pairs, nothing to balance
-        return Executed([sampled], counts, pairs, torch.zeros(pairs.shape, dtype=torch.float64))
-
-    def begin_rebalance(
-        self,
-        expert_counts: torch.Tensor,
-        group_tokens: torch.Tensor,
-        steps: list[RecordedStep],
-        placement: AnyPlacement | None = None,
-    ) -> dict[str, Any]:
-        raise RebalanceUnavailable("re-placing experts needs expert groups; this copy runs in one process")
-
-    def finish_rebalance(self) -> dict[str, Any] | None:
-        return None
-
-    def reports(self, report: Report) -> dict[str, Any]:
-        return {}  # no workers: the engine's own step records are the profile
-
-    def set_profiling(self, on: bool) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
 
 
 class Engine:
@@ -181,12 +68,7 @@ class Engine:
         self.scheduler = Scheduler.of(settings, backend.num_shards, blocks_per_shard, config.sliding_window)
         interval = llm_config.cluster.rebalance_interval_s
         self.experts = ExpertBalancer(backend, config.num_layers, config.num_experts, interval)
-        self._drops: list[list[str]] = [[] for _ in range(backend.num_shards)]
-        self._copies: list[list[tuple[tuple[int, int], str]]] = [[] for _ in range(backend.num_shards)]
-        # Per shard, each sequence's block table as its shard has it: a chunk carries what changed;
-        # and the sequences whose draw settings it keeps (`protocol.step.Sampler`): sent once.
-        self._sent: list[dict[str, list[int]]] = [{} for _ in range(backend.num_shards)]
-        self._primed: list[set[str]] = [set() for _ in range(backend.num_shards)]
+        self.shards = ShardView(backend.num_shards)
         self.steps = 0
         self._numbered = 0  # steps handed to the backend, thrown-away ones included (ShardBatch.step)
         self.profile = False  # when set, `step_records` gets one entry per step
@@ -256,16 +138,11 @@ class Engine:
 
     def fork_sequence(self, seq: SchedSeq, seq_id: str) -> SchedSeq:
         child, copy = self.scheduler.fork(seq, seq_id)
-        self._primed[child.shard].add(seq_id)  # its shard made its draw state when it drew its first token
-        if copy is not None:  # its shard copies the partly filled last block before its next step
-            self._copies[child.shard].append((copy, seq_id))
+        self.shards.fork(child, copy)
         return child
 
     def release_sequence(self, seq: SchedSeq) -> None:
-        if seq.shard >= 0:
-            self._drops[seq.shard].append(seq.request_id)
-            self._sent[seq.shard].pop(seq.request_id, None)
-            self._primed[seq.shard].discard(seq.request_id)
+        self.shards.release(seq)
         self.scheduler.finish(seq)
 
     @property
@@ -286,35 +163,68 @@ class Engine:
         """Tokens the KV cache of all shards holds at once."""
         return sum(p.num_blocks for p in self.scheduler.blocks.pools) * self.scheduler.block_size
 
+    # ---- the experts, between steps --------------------------------------------------------------
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert since the start, per layer: [L, E]."""
+        return self.experts.expert_counts.clone()
+
+    def expert_load(self) -> dict[str, Any]:
+        """Since the experts were last placed: pairs per group and their imbalance, per phase the
+        modelled expert ms per step and cost imbalance (`ExpertBalancer.load`)."""
+        return self.experts.load()
+
+    def rebalance(self, done: concurrent.futures.Future[dict[str, Any]], placement: AnyPlacement | None) -> None:
+        """Place the experts anew (`ExpertBalancer.begin`); `done` gets the report once they switched."""
+        self.experts.begin(done, placement)
+
+    def abandon_rebalance(self, error: Exception) -> None:
+        """The engine stops: whoever waits for a re-placement's report gets `error` instead."""
+        self.experts.abandon(error)
+
+    @property
+    def needs_upkeep(self) -> bool:
+        """Whether `step` has work between steps even while no request is in (a re-placement under
+        way or due)."""
+        return self.experts.needs_maintenance
+
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one step on the backend, and report every choice that changed."""
+        """Schedule, build the shards' batches, execute them on the backend, advance and report every
+        choice that changed; then tend to the experts' placement (also when nothing was scheduled)."""
         started = time.perf_counter()
         schedule = self.scheduler.schedule()
-        if not schedule.chunks:
-            return []
-        self._numbered += 1  # the step's number: the backend may run it again, the shards draw once
-        batches = [ShardBatch(finished=drops, step=self._numbered) for drops in self._drops]
-        for batch, copies in zip(batches, self._copies, strict=True):  # for choices still alive
-            batch.copies = [pair for pair, seq_id in copies if seq_id in self.outputs.choices]
-        self._drops = [[] for _ in range(self.backend.num_shards)]
-        self._copies = [[] for _ in range(self.backend.num_shards)]
-        self._mask_seconds = 0.0
-        for c in schedule.chunks:
-            batches[c.seq.shard].chunks.append(self._chunk(c))
-        executed = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        if schedule.chunks:
+            self._numbered += 1  # the step's number: the backend may run it again, the shards draw once
+            self._mask_seconds = 0.0
+            work = [self._work(c) for c in schedule.chunks]
+            batches = self.shards.batches(self._numbered, work, self.outputs.choices.__contains__)
+            executed = time.perf_counter()
+            result = self._execute(batches)
+            if result is not None:
+                outputs = self._advance(schedule, batches, result, (started, executed, time.perf_counter()))
+        self.experts.maintain()  # between steps: the place to switch expert placements
+        return outputs
+
+    def _execute(self, batches: list[ShardBatch]) -> Executed | None:
+        """The backend's step; None where attention shards were lost (nothing was advanced: the step's
+        other work runs again in the next one, theirs is recomputed)."""
         try:
-            result = self.backend.execute(batches)
+            return self.backend.execute(batches)
         except ShardsLost as lost:  # their workers were replaced: nothing of them survives but the requests
+            self.shards.lost(lost.shards)
             for shard in lost.shards:
-                self._drops[shard], self._copies[shard], self._sent[shard] = [], [], {}
                 self.scheduler.reset_shard(shard)
-            for primed in self._primed:  # the other shards drew tokens this step that nobody takes:
-                primed.clear()  # their sequences' records (penalties' tokens) are sent again
             logger.warning("attention shards %s were replaced; their sequences are recomputed", lost.shards)
-            return []  # this step's other work runs again in the next one (nothing was advanced)
-        returned = time.perf_counter()
+            return None
+
+    def _advance(
+        self, schedule: Schedule, batches: list[ShardBatch], result: Executed, clock: tuple[float, float, float]
+    ) -> list[RequestOutput]:
+        """Record the experts' load, move the scheduler on, turn the tokens into reports."""
+        started, executed, returned = clock
         phase = "prefill" if any(len(c.tokens) > 1 for b in batches for c in b.chunks) else "decode"
         self.experts.record(phase, result.expert_counts, result.group_tokens, result.group_seconds)
         self.scheduler.advance(schedule.chunks)
@@ -332,44 +242,43 @@ class Engine:
             })  # fmt: skip
         return outputs
 
-    def _chunk(self, c: Chunk) -> SeqChunk:
+    def _work(self, c: Chunk) -> Work:
+        """A scheduled chunk as its request asks: the tokens, what to report, this step's draw controls
+        and, where it draws, its settings (sent where its shard lacks them: `ShardView`)."""
         req, choice = self.outputs.choices[c.seq.request_id]
         prompt_len = len(req.prompt)
         score = req.params.prompt_logprobs is not None and choice.index == 0 and c.start < prompt_len
         draw = c.sample and req.params.max_tokens > 0
         forks = req.pending if draw and choice.index == 0 and not choice.seq.output else []
-        table, sent = c.seq.block_table, self._sent[c.seq.shard]
-        known = _unchanged(sent.get(c.seq.request_id, []), table)  # entries the shard has already
-        sent[c.seq.request_id] = list(table)
         chunk = SeqChunk(
             request_id=c.seq.request_id,
             tokens=c.seq.tokens[c.start : c.end],
             start=c.start,
-            new_blocks=table[known:],
-            blocks_from=known,
+            new_blocks=[],  # the shard's delta, filled by ShardView
             sample=draw,
             logprobs=req.params.logprobs,
             prompt_logprobs=req.params.prompt_logprobs if score else None,
             next_token=req.prompt[c.end] if score and c.end < prompt_len else None,
             forks=list(forks),
         )
-        if draw:  # the draw's controls; forks draw their first token in the same state as choice 0
-            params, output = req.params, choice.seq.output
-            if len(output) < params.min_tokens:  # the request's own banned ids travel with its settings
-                chunk.banned = [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
-            if choice.matcher is not None:
-                began = time.perf_counter()
-                chunk.allowed = bitmask(choice.matcher)
-                self._mask_seconds += time.perf_counter() - began
-            primed = self._primed[c.seq.shard]
-            if c.seq.request_id not in primed:  # the shard keeps a sequence's draw settings from now on
-                primed.add(c.seq.request_id)
-                chunk.params = req.draw
-                if req.draw.penalised:
-                    chunk.output = list(output)
-                    if req.draw.repetition_penalty != 1.0:
-                        chunk.prompt_seen = sorted(set(req.prompt))
-        return chunk
+        if not draw:
+            return Work(c.seq, chunk, None)
+        # the draw's controls; forks draw their first token in the same state as choice 0
+        params, output = req.params, choice.seq.output
+        if len(output) < params.min_tokens:  # the request's own banned ids travel with its settings
+            chunk.banned = [*([] if params.ignore_eos else [self.eos_id]), *params.stop_token_ids]
+        if choice.matcher is not None:
+            began = time.perf_counter()
+            chunk.allowed = bitmask(choice.matcher)
+            self._mask_seconds += time.perf_counter() - began
+
+        def record() -> DrawRecord:
+            if not req.draw.penalised:
+                return req.draw, None, None
+            seen = sorted(set(req.prompt)) if req.draw.repetition_penalty != 1.0 else None
+            return req.draw, list(output), seen
+
+        return Work(c.seq, chunk, record)
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with `error` (the backend is gone)."""
@@ -377,15 +286,3 @@ class Engine:
 
     def shutdown(self) -> None:
         self.backend.shutdown()
-
-
-def _unchanged(sent: list[int], table: list[int]) -> int:
-    """How many leading entries of `table` the shard already has (`sent`): all of them while the
-    table only grows, fewer where a window freed blocks or a preemption started it again."""
-    n = len(sent)
-    if len(table) >= n and table[:n] == sent:
-        return n
-    i, m = 0, min(n, len(table))
-    while i < m and sent[i] == table[i]:
-        i += 1
-    return i

@@ -1,9 +1,10 @@
 """Where the experts' load goes, and when to place them anew: the engine's expert balancer.
 
 The engine hands it each step's counts (`record`); it keeps them since the experts were last
-placed (what a re-placement is computed from and what `load` reports), and between steps
-(`maintain`) it starts a re-placement when one is due and switches to it once the backend has
-moved the weights. Steps go on all the while: the backend moves weights beside them.
+placed (what a re-placement is computed from and what `load` reports). A re-placement (`begin`)
+is planned here (`cluster.engine.expert_planner`) and staged by the backend, which reads the
+weights beside the steps; between steps (`maintain`, from the engine's step) it switches once
+the weights are in place, or starts a re-placement when one is due.
 
 Shapes: L layers, E experts, G expert groups.
 """
@@ -14,69 +15,36 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from protocol.expert_cost import ExpertCost
-from protocol.experts import AnyPlacement
+from cluster.engine.backend import ExpertWeights, RebalanceUnavailable
+from cluster.engine.expert_planner import (
+    RecordedStep,
+    checked_placement,
+    layer_imbalance,
+    plan_placement,
+    predict_steps,
+)
+from protocol.experts import AnyPlacement, Placement
 
 logger = logging.getLogger(__name__)
 
 RECORDED_STEPS = 256  # the last steps' expert counts kept for the planner (`RecordedStep`)
-RecordedStep = tuple[str, list[list[int]]]  # (phase, [layer][expert] -> pairs) of one step
-
-
-def imbalance(group_tokens: Sequence[float]) -> float:
-    """The heaviest group's tokens over the mean over groups (1.0: even; G: one group has all)."""
-    mean = sum(group_tokens) / len(group_tokens)
-    return max(group_tokens) / mean if mean > 0 else 1.0
-
-
-def layer_imbalance(group_tokens: Sequence[Sequence[float]]) -> float:
-    """The mean over layers (those with tokens) of each layer's `imbalance`: each layer waits for
-    its heaviest group, so that is what a step pays."""
-    rows = [imbalance(row) for row in group_tokens if sum(row) > 0]
-    return sum(rows) / len(rows) if rows else 1.0
-
-
-class Placer(Protocol):
-    """What the balancer needs of a backend: its groups, its cost model, and the two halves of a
-    re-placement."""
-
-    num_groups: int  # expert groups (1 in one process)
-    cost: ExpertCost  # the cost model the routers split replicated experts' pairs by
-
-    def begin_rebalance(
-        self,
-        expert_counts: torch.Tensor,
-        group_tokens: torch.Tensor,
-        steps: list[RecordedStep],
-        placement: AnyPlacement | None = None,
-    ) -> dict[str, Any]:
-        """Place the experts anew for the load `expert_counts` [L, E] (whose pairs went to the groups as
-        `group_tokens` [L, G]; `steps`: the last steps' own counts), or as `placement` says, and start
-        moving weights; the report of what it will do, or why it keeps the placement it has
-        ("refused"). Steps go on."""
-        ...
-
-    def finish_rebalance(self) -> dict[str, Any] | None:
-        """Between steps: switch to the new placement once its weights are in place (its report), else None."""
-        ...
 
 
 class ExpertBalancer:
     """The load since the last placement, and the re-placement state machine: idle -> moving
     (weights travel while steps run) -> switched (counts start again)."""
 
-    def __init__(self, placer: Placer, num_layers: int, num_experts: int, interval_s: float | None) -> None:
-        self.placer = placer
+    def __init__(self, weights: ExpertWeights, num_layers: int, num_experts: int, interval_s: float | None) -> None:
+        self.weights = weights
         self.interval_s = interval_s  # re-place this often (None: only when asked)
         self.expert_counts = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E] since start
         # Since the experts were last placed: what the next re-placement is computed from.
         self.since_counts = torch.zeros(num_layers, num_experts, dtype=torch.long)  # [L, E]
-        self.since_groups = torch.zeros(num_layers, placer.num_groups, dtype=torch.long)  # [L, G]
+        self.since_groups = torch.zeros(num_layers, weights.num_groups, dtype=torch.long)  # [L, G]
         self.since_cost: dict[str, list[float]] = {}  # phase -> [layer times' sum s, ideal times' s, steps]
         self.recorded: collections.deque[RecordedStep] = collections.deque(maxlen=RECORDED_STEPS)
         self.moving = False  # a re-placement's weights are on their way
@@ -84,6 +52,7 @@ class ExpertBalancer:
         self.last_rebalance: dict[str, Any] | None = None
         self._placed_at = time.monotonic()
         self._waiting: list[concurrent.futures.Future[dict[str, Any]]] = []  # for the next report
+        self._report: dict[str, Any] = {}  # the re-placement under way's
 
     def record(
         self, phase: str, expert_counts: torch.Tensor, group_tokens: torch.Tensor, group_seconds: torch.Tensor
@@ -96,8 +65,8 @@ class ExpertBalancer:
         self.recorded.append((phase, expert_counts.tolist()))
         acc = self.since_cost.setdefault(phase, [0.0, 0.0, 0])
         for seconds in group_seconds.tolist():  # [G] per layer
-            acc[0] += self.placer.cost.layer_time(seconds)
-            acc[1] += self.placer.cost.ideal_time(seconds)
+            acc[0] += self.weights.cost.layer_time(seconds)
+            acc[1] += self.weights.cost.ideal_time(seconds)
         acc[2] += 1
 
     def begin(
@@ -106,10 +75,8 @@ class ExpertBalancer:
         """Place the experts anew from the load since the last placement (or as `placement` says);
         weights move while steps go on, and `maintain` switches to it between two steps. `done` gets
         the re-placement's report (this one's, or that of one already under way)."""
-        if not self.moving:
-            report = self.placer.begin_rebalance(
-                self.since_counts.clone(), self.since_groups.clone(), list(self.recorded), placement
-            )  # raises before anything waits on it (RebalanceUnavailable, a malformed placement)
+        if not self.moving:  # raises before anything waits on it (RebalanceUnavailable, a malformed placement)
+            report = self._plan(placement)
         if done is not None:
             self._waiting.append(done)
         if self.moving:
@@ -119,6 +86,31 @@ class ExpertBalancer:
             self._done(report, restart=False)
         else:
             self.moving = True
+            self._report = report
+
+    def _plan(self, requested: AnyPlacement | None) -> dict[str, Any]:
+        """Plan a placement for the steps recorded since the last one (without any, their summed
+        counts as one step) by the cost model, or take `requested`, and have the backend stage it.
+        The report: the placement, the measured pair imbalance and the predicted one, per phase
+        the predicted expert ms per step before and after; or "refused", and nothing moves, where
+        every placement predicts a slower phase."""
+        current, w = self.weights.placement, self.weights
+        if current is None:
+            raise RebalanceUnavailable("re-placing experts needs expert groups; this copy runs in one process")
+        steps = list(self.recorded) or [("all", self.since_counts.tolist())]
+        new: Placement
+        if requested is None:
+            new, report = plan_placement(steps, current, w.slots, w.cost)
+        else:  # as asked: what the model expects of it, taken whatever that is
+            num_layers, num_experts = self.since_counts.shape
+            new = checked_placement(requested, w.slots, num_layers, num_experts)
+            report = {"requested": True, "predicted": predict_steps(steps, new, len(w.slots), w.cost)}
+        report = {"imbalance_before": layer_imbalance(self.since_groups.tolist())} | report
+        if "refused" in report:
+            return report | {"moved": 0, "placement": _lists(current)}
+        moved = w.stage_placement(new)
+        logger.info("re-placing experts: %d expert weights to move", moved)
+        return report | {"moved": moved, "placement": _lists(new)}
 
     def abandon(self, error: Exception) -> None:
         """The engine stops: whoever waits for a report gets `error` instead."""
@@ -129,10 +121,16 @@ class ExpertBalancer:
     def maintain(self) -> None:
         """Between steps: finish a re-placement whose weights are ready, or start one when it is due."""
         if self.moving:
-            report = self.placer.finish_rebalance()
-            if report is not None:
+            done, why = self.weights.switch_placement()
+            if done:
                 self.moving = False
-                self._done(report, restart="refused" not in report)  # abandoned: the load goes on counting
+                report = self._report
+                if why is not None:  # abandoned: the placement stays, and the load goes on counting
+                    logger.warning("re-placement abandoned: %s; the placement stays", why)
+                    assert self.weights.placement is not None
+                    report |= {"refused": f"{why}: the placement stays", "moved": 0,
+                               "placement": _lists(self.weights.placement)}  # fmt: skip
+                self._done(report, restart=why is None)
         elif self.interval_s is not None and time.monotonic() - self._placed_at >= self.interval_s:
             if self.since_counts.sum() > 0:
                 self.begin()
@@ -168,3 +166,7 @@ class ExpertBalancer:
             self.since_groups.zero_()
             self.since_cost.clear()
             self.recorded.clear()
+
+
+def _lists(placement: Placement) -> list[list[list[int]]]:
+    return [[list(g) for g in layer] for layer in placement]

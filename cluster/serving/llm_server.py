@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from actors.worker import rss_bytes
-from cluster.engine.core import EngineError, RebalanceUnavailable
+from cluster.engine.backend import EngineError, RebalanceUnavailable
 from cluster.engine.request import RequestError, RequestFailed, RequestOutput, check_token_ids
 from cluster.llm import LLM
 from cluster.serving.config import ServeConfig

@@ -12,10 +12,10 @@ if TYPE_CHECKING:
     from model.checkpoint import Checkpoint, CheckpointError, weight_names
     from model.checkpoint_writers import write_mistral_checkpoint, write_random_checkpoint
     from model.config import ModelConfig, preset_names
-    from model.generate import generate
     from model.kv_cache import CacheBatch, KVCache
     from model.loader import load_into, load_model
     from model.mixtral import Mixtral
+    from model.reference_generation import generate
     from model.sampling import DrawParams, sample
     from model.tokenizer import Tokenizer
 
@@ -28,7 +28,7 @@ _HOMES = {
     "Mixtral": "model.mixtral",
     "ModelConfig": "model.config",
     "Tokenizer": "model.tokenizer",
-    "generate": "model.generate",
+    "generate": "model.reference_generation",
     "load_into": "model.loader",
     "load_model": "model.loader",
     "preset_names": "model.config",

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():  # torch itself does not import triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from model import ModelConfig, write_random_checkpoint
-from tests.helpers import GRID_BASE
+from tests.support.common import GRID_BASE
 
 torch.set_num_threads(1)  # tests run beside each other's processes on 2 cores
 TIERS = ("unit", "ray", "serve", "hosts", "gpu")  # pyproject.toml's markers

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import model.checkpoint as ckpt_module
 from model import Checkpoint, CheckpointError, load_model, weight_names, write_mistral_checkpoint
 from model.checkpoint import hf_to_mistral, mistral_to_hf
-from tests.helpers import grid_config
+from tests.support.common import grid_config
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ from transformers import MixtralForCausalLM
 
 from cluster.engine.request import RequestError, SamplingParams
 from cluster.llm import LLM
-from tests.helpers import ENGINE_CONFIG, idle, random_prompts
+from tests.support.common import ENGINE_CONFIG, idle, random_prompts
 
 pytestmark = pytest.mark.unit
 

@@ -48,8 +48,8 @@ from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from model import ModelConfig, Tokenizer
 from model.tokenizer import DEFAULT_TOKENIZER
-from tests.helpers import readme_blocks, run_example
-from tests.serve_helpers import MODEL, serving
+from tests.support.common import readme_blocks, run_example
+from tests.support.serving import MODEL, serving
 
 pytestmark = pytest.mark.serve
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's tasks read files this module writes

@@ -15,7 +15,7 @@ from cluster.backend.placement import param_bytes
 from cluster.engine.backend import EngineError
 from cluster.engine.request import RequestFailed, SamplingParams
 from cluster.llm import LLM
-from tests.helpers import (
+from tests.support.common import (
     ENGINE_CONFIG,
     idle,
     local_ray,

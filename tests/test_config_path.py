@@ -29,7 +29,7 @@ from cluster.serving.llm_server import LLMServer
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from protocol.config import section_of
-from tests.helpers import ENGINE_CONFIG, local_ray
+from tests.support.common import ENGINE_CONFIG, local_ray
 
 pytestmark = pytest.mark.serve
 
@@ -94,8 +94,14 @@ CHECKS: dict[str, Check] = {
     "transport": ("gloo", lambda r: _all_workers(r, "transport").pop()),  # nccl needs GPUs: tests/test_gpu.py
     "redundant_experts": (2, lambda r: sum(len(w["slots"][0]) for w in _workers(r, "experts")) - 8),
     "rebalance_interval_s": (3600.0, lambda r: r.llm.engine.experts.interval_s),
-    "data_plane_timeout_s": (7.0, lambda r: _all_workers(r, "data_plane_timeout_s").pop()),  # its use: test_host_outage
-    "network_interface": ("lo", lambda r: {w["interface"] for w in r.where.values()}.pop()),  # auto: test_hosts.py
+    "data_plane_timeout_s": (
+        7.0,
+        lambda r: _all_workers(r, "data_plane_timeout_s").pop(),
+    ),  # its use: hosts/test_host_outage
+    "network_interface": (
+        "lo",
+        lambda r: {w["interface"] for w in r.where.values()}.pop(),
+    ),  # auto: hosts/test_copy_across_hosts
     "worker_resources": ({"CPU": 2.0}, lambda r: {"CPU": {w["resources"]["CPU"] for w in r.where.values()}.pop()}),
     # engine
     "block_size": (8, lambda r: {r.llm.engine.scheduler.block_size, *(w["block_size"] for w in _workers(r, "att"))}),

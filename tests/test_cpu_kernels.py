@@ -14,7 +14,7 @@ from model.kernels import CpuKernels, TorchKernels, compiled, select_kernels
 from model.kernels.cpu import KERNEL_ROWS_PER_EXPERT
 from model.loader import load_model
 from model.moe import ExpertFFN
-from tests.helpers import GRID_BASE
+from tests.support.common import GRID_BASE
 
 pytestmark = pytest.mark.unit
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from model.attention_plan import AttentionGroup
-from model.generate import generate
 from model.kernels import CudaKernels, TorchKernels, select_kernels
 from model.kernels.triton_attention import paged_decode_attention
 from model.loader import load_model
 from model.moe import ExpertFFN
+from model.reference_generation import generate
 from model.sampling import DrawParams
-from tests.helpers import ENGINE_CONFIG, random_prompts
+from tests.support.common import ENGINE_CONFIG, random_prompts
 
 pytestmark = pytest.mark.unit
 

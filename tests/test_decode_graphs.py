@@ -20,7 +20,7 @@ from model.kv_cache import CacheBatch, KVCache
 from model.loader import load_model
 from model.tokenizer import Tokenizer
 from protocol.config import LLMConfig
-from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
+from tests.support.common import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import torch
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from model import load_model
-from tests.helpers import ENGINE_CONFIG, idle, random_prompts, reference_greedy, staggered_streams
+from tests.support.common import ENGINE_CONFIG, idle, random_prompts, reference_greedy, staggered_streams
 
 pytestmark = pytest.mark.unit
 

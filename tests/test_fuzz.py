@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
-from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import serving
+from tests.support.common import ENGINE_CONFIG
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.serve
 

@@ -31,8 +31,8 @@ from transformers import MixtralForCausalLM
 from cluster.engine.request import RequestFailed, SamplingParams
 from cluster.llm import LLM
 from model import generate, load_model
-from tests.helpers import ENGINE_CONFIG, grid_config, poisoned_copy, random_prompts
-from tests.serve_helpers import PROMPT, Load, census, census_back, serving, wait_until_serving
+from tests.support.common import ENGINE_CONFIG, grid_config, poisoned_copy, random_prompts
+from tests.support.serving import PROMPT, Load, census, census_back, serving, wait_until_serving
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -165,7 +165,7 @@ def test_the_bf16_engine_on_cuda_graphs_agrees_with_the_eager_torch_kernels(ckpt
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
+    ray.shutdown()  # the shared local Ray (tests.support.common.local_ray), if a module before started it
     ray.init(num_cpus=32, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()

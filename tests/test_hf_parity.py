@@ -10,7 +10,7 @@ import torch
 from transformers import MixtralForCausalLM
 
 from model import DrawParams, generate, load_model
-from tests.helpers import grid_config
+from tests.support.common import grid_config
 
 pytestmark = pytest.mark.unit
 

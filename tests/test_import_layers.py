@@ -88,6 +88,38 @@ def test_the_engine_tier_knows_no_ray() -> None:
     assert not uses_ray, f"the engine tier imports Ray: {uses_ray}"
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports by absolute name (`from a.b import c` -> a.b)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+# What the engine may know of the model: its shape, tokenizer, sampling settings and the cache's
+# and the window's rules; never the forward (layers, kernels, loading, decode graphs), which is a backend's.
+ENGINE_MAY_READ = {"model.config", "model.tokenizer", "model.sampling", "model.kv_cache", "model.attention_plan"}
+
+
+def test_the_engine_tier_runs_no_model_code() -> None:
+    wrong = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p)
+                                              if m.split(".")[0] == "model" and m not in ENGINE_MAY_READ)
+             for p in sorted((ROOT / "cluster" / "engine").rglob("*.py"))}  # fmt: skip
+    assert not {k: v for k, v in wrong.items() if v}, f"the engine imports the model's runtime: {wrong}"
+
+
+def test_backends_reach_the_engine_only_through_its_protocol() -> None:
+    """No arrow from backend/ back into the engine's internals: a backend knows the engine by
+    `cluster.engine.backend` (the protocol, `Executed`, the errors) alone."""
+    wrong = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p)
+                                              if m.startswith("cluster.engine") and m != "cluster.engine.backend")
+             for p in sorted((ROOT / "cluster" / "backend").rglob("*.py"))}  # fmt: skip
+    assert not {k: v for k, v in wrong.items() if v}, f"backend/ imports the engine's internals: {wrong}"
+
+
 def test_the_cli_imports_only_the_benchmark_options_at_start() -> None:
     tree = ast.parse((ROOT / "cluster/cli.py").read_text())
     top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model.moe import ExpertFFN, SparseMoE, route
-from tests.helpers import grid_config
+from tests.support.common import grid_config
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group_table
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from protocol.experts import PlacementError
-from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
+from tests.support.common import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.ray
 
@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
+    ray.shutdown()  # the shared local Ray (tests.support.common.local_ray), if a module before started it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})  # a CPU head
     gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4) for _ in range(2)]
     ray.init(address=cluster.address)

@@ -30,7 +30,7 @@ from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from cluster.serving.messages import token_text
 from model import ModelConfig
-from tests.serve_helpers import MODEL, serving
+from tests.support.serving import MODEL, serving
 
 pytestmark = pytest.mark.serve
 

@@ -20,8 +20,8 @@ from ray import serve
 
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import serving
+from tests.support.common import ENGINE_CONFIG
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.serve
 

@@ -8,7 +8,7 @@ import torch
 from model import CacheBatch, KVCache, load_model
 from model.attention_plan import plan_attention
 from model.kv_cache import FREED
-from tests.helpers import grid_config
+from tests.support.common import grid_config
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from cluster.engine.block_pool import BlockPool, block_key
 from cluster.engine.request import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.llm import LLM
-from tests.helpers import ENGINE_CONFIG, random_prompts
+from tests.support.common import ENGINE_CONFIG, random_prompts
 
 pytestmark = pytest.mark.ray
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import readme_blocks, run_example
+from tests.support.common import readme_blocks, run_example
 
 pytestmark = pytest.mark.ray
 

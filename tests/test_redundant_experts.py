@@ -27,7 +27,7 @@ from cluster.engine.expert_planner import plan_placement
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from model import ModelConfig
-from tests.helpers import local_ray, random_prompts
+from tests.support.common import local_ray, random_prompts
 
 pytestmark = pytest.mark.ray
 

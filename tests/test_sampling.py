@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from model import DrawParams, generate, load_model, sample
 from model.sampling import make_generator
-from tests.helpers import grid_config
+from tests.support.common import grid_config
 
 pytestmark = pytest.mark.unit
 

@@ -30,7 +30,7 @@ from cluster.serving.config import ServeConfig
 from cluster.serving.messages import Failure, GenerateCall
 from model import DrawParams, ModelConfig, generate, load_model
 from model.sampling import adjust
-from tests.helpers import local_ray, random_prompts
+from tests.support.common import local_ray, random_prompts
 
 pytestmark = pytest.mark.serve
 

@@ -20,8 +20,8 @@ from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from cluster.serving.config import ServeConfig
-from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import serving
+from tests.support.common import ENGINE_CONFIG
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.serve
 

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.soak import soak
 from cluster.backend.placement import Layout
-from tests.helpers import ENGINE_CONFIG
+from tests.support.common import ENGINE_CONFIG
 
 pytestmark = pytest.mark.serve
 

@@ -18,7 +18,7 @@ from model.config import ModelConfig
 from model.sampling import DrawParams
 from protocol.shard_runner import ShardRunner
 from protocol.step import SeqChunk, ShardBatch, step_messages
-from tests.helpers import ENGINE_CONFIG, random_prompts, reference_greedy
+from tests.support.common import ENGINE_CONFIG, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.unit
 

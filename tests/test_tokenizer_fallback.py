@@ -20,8 +20,8 @@ from cluster.llm import LLM
 from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from model.tokenizer import SHIPPED_BY_VOCAB
-from tests.helpers import grid_config, reference_greedy
-from tests.serve_helpers import MODEL, serving
+from tests.support.common import grid_config, reference_greedy
+from tests.support.serving import MODEL, serving
 
 pytestmark = pytest.mark.serve
 

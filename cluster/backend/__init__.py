@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cluster.engine.backend import Backend
-from model.config import ModelConfig
-from protocol.config import LLMConfig
+if TYPE_CHECKING:  # this package's modules import what they run on; importing one imports no other
+    from cluster.engine.backend import Backend
+    from model.config import ModelConfig
+    from protocol.config import LLMConfig
 
 
 def open_backend(

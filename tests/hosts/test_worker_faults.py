@@ -27,8 +27,8 @@ from ray import serve
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
 from cluster.serving.streams import HEALTH_TIMEOUT_S
-from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import MODEL, PROMPT, Load, census, census_back, serving, wait_until_serving
+from tests.support.common import ENGINE_CONFIG
+from tests.support.serving import MODEL, PROMPT, Load, census, census_back, serving, wait_until_serving
 
 pytestmark = pytest.mark.serve
 

@@ -1,4 +1,4 @@
-"""A driver run on a test host (`python -m tests.host_driver ...` inside the head's namespace): joins
+"""A driver run on a test host (`python -m tests.hosts.copy_driver ...` inside the head's namespace): joins
 the Ray cluster at `--address`, starts a model copy of the given layout, generates greedily and
 prints one JSON line: the outputs and where each worker ran (its node's IP and the data plane's
 network interface)."""

@@ -1,4 +1,4 @@
-"""A model copy across real hosts: network namespaces on a bridge (`tests/hosts.py`), each with its
+"""A model copy across real hosts: network namespaces on a bridge (`tests/hosts/namespaces.py`), each with its
 own IP and an Ubuntu-style `/etc/hosts` whose hostname line is 127.0.1.1, Ray started on each as
 a user starts it, token authentication on. The head holds no model workers.
 
@@ -6,7 +6,7 @@ a user starts it, token authentication on. The head holds no model workers.
   worker on the host the plan spreads it to, its data plane bound to that host's own interface
   (not the loopback its hostname resolves to);
 - (`mixtral-cluster serve CONFIG --address <head>:6379` on the head answering the openai client
-  while the model runs on the others: `tests/test_onprem.py`, on a cluster `ray up` made);
+  while the model runs on the others: `tests/hosts/test_ray_up_onprem.py`, on a cluster `ray up` made);
 - a driver without the cluster's token is refused with the fix named, not left hanging.
 
 Skipped where namespaces cannot be made (not root, no `ip`); CI runs as root.
@@ -27,12 +27,12 @@ import yaml
 from transformers import MixtralForCausalLM
 
 from model import ModelConfig
-from tests.helpers import random_prompts
-from tests.hosts import Hosts, unavailable
+from tests.hosts.namespaces import Hosts, unavailable
+from tests.support.common import random_prompts
 
 pytestmark = [pytest.mark.hosts, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 TINY = ModelConfig.preset("tiny")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = random_prompts(3, seed=31, low=4, high=20)
 MAX_TOKENS = 8
 
@@ -66,7 +66,7 @@ def expected(ckpt: Path) -> list[list[int]]:
 def test_a_copy_over_two_hosts_answers_as_transformers(hosts: Hosts, ckpt: Path, expected: list[list[int]],
                                                       layout: tuple[int, int, int]) -> None:  # fmt: skip
     head, one, two = hosts.hosts
-    argv = [sys.executable, "-m", "tests.host_driver", "--address", hosts.head_address, "--checkpoint", str(ckpt)]
+    argv = [sys.executable, "-m", "tests.hosts.copy_driver", "--address", hosts.head_address, "--checkpoint", str(ckpt)]
     argv += ["--layout", *map(str, layout), "--prompts", json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS)]
     r = hosts.run(head, argv, timeout_s=300)
     report = json.loads(r.stdout.strip().splitlines()[-1])

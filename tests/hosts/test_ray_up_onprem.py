@@ -1,5 +1,5 @@
 """`ray up` for real, on premises: the repository's `ray_cluster.onprem.yaml` (Ray's `local` node
-provider) run end to end against three namespace hosts (`tests/hosts.py`) with sshd in each, as
+provider) run end to end against three namespace hosts (`tests/hosts/namespaces.py`) with sshd in each, as
 against machines you already have. Only head_ip, worker_ips and auth are replaced by the hosts'.
 
 `ray up -y` (run on the head, as on-premises users often do, its ~/.ray/auth_token made once) starts
@@ -32,10 +32,10 @@ import yaml
 from model import ModelConfig
 from model.kernels import compiled
 from protocol.expert_cost import compiled_split
-from tests.helpers import random_prompts
-from tests.hosts import Hosts, unavailable
+from tests.hosts.namespaces import Hosts, unavailable
+from tests.support.common import random_prompts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig.preset("tiny")
 PROMPT = random_prompts(1, seed=31, low=4, high=20)[0]
 MAX_TOKENS = 8

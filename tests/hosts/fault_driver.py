@@ -1,4 +1,4 @@
-"""A driver run on the head of a test-host cluster (`python -m tests.host_faults ...`): serves a copy
+"""A driver run on the head of a test-host cluster (`python -m tests.hosts.fault_driver ...`): serves a copy
 whose workers live on the model hosts, runs streamed, plain and gRPC load against it, breaks the
 host of `experts-0` while requests decode, and prints one JSON line: per scenario (several run one
 after another on the same app), what the clients saw, where the workers are afterwards, and the
@@ -31,8 +31,8 @@ from ray import serve
 from cluster.backend.ray_connect import connect_ray
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from tests.hosts import kill_namespace, namespace_pids
-from tests.serve_helpers import PROMPT, Load, census, census_back, serving, wait_until_serving
+from tests.hosts.namespaces import kill_namespace, namespace_pids
+from tests.support.serving import PROMPT, Load, census, census_back, serving, wait_until_serving
 
 RAYLET_EXIT_S = 90.0  # how long a raylet Ray has called dead may take to hear so and exit
 SCENARIOS = ("crash", "crash-no-room", "partition")

@@ -24,7 +24,7 @@ GRID_BASE = ModelConfig.preset("tiny").model_copy(update={"vocab_size": 512})
 ENGINE_CONFIG = ModelConfig.preset("tiny").model_copy(update={"sliding_window": 12})
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_blocks(heading: str, language: str = "python") -> list[str]:

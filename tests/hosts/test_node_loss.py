@@ -21,8 +21,8 @@ from ray.cluster_utils import Cluster
 
 from cluster.engine.request import SamplingParams
 from cluster.llm import LLM
-from tests.helpers import ENGINE_CONFIG
-from tests.serve_helpers import PROMPT, Load, census, census_back, serving, wait_until_serving
+from tests.support.common import ENGINE_CONFIG
+from tests.support.serving import PROMPT, Load, census, census_back, serving, wait_until_serving
 
 pytestmark = pytest.mark.serve
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.serve
 def cluster(checkpoint_factory) -> Iterator[dict[str, Any]]:
     ckpt: Path = checkpoint_factory(ENGINE_CONFIG, seed=5)
     fast_failure = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
-    ray.shutdown()  # the shared local Ray (tests.helpers.local_ray), if a module before started it
+    ray.shutdown()  # the shared local Ray (tests.support.common.local_ray), if a module before started it
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "_system_config": fast_failure})
     # Model nodes offer only model slots, as GPU nodes offer GPUs: the ingress, the proxy and each
     # replica's own bundle stay on the head, so losing a model node loses workers only.

@@ -23,7 +23,7 @@ from cluster.proto import inference_pb2 as pb
 from cluster.proto import inference_pb2_grpc as pb_grpc
 from cluster.serving.app import build_app
 from cluster.serving.config import ServeConfig
-from tests.helpers import local_ray
+from tests.support.common import local_ray
 
 MODEL = "mixtral-tiny"
 PROMPT = "The first law of robotics"

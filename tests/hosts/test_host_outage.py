@@ -1,4 +1,4 @@
-"""Model hosts lost under load (`tests/hosts.py` hosts): a head (ingress, proxy, the copy's engine)
+"""Model hosts lost under load (`tests/hosts/namespaces.py` hosts): a head (ingress, proxy, the copy's engine)
 and three model hosts with two model slots each, the copy's four workers on them. Each time,
 whichever host holds `experts-0` is broken while plain, streamed and gRPC requests decode. One
 driver runs the three outages one after another on one serving app, each on the copy the one
@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ENGINE_CONFIG
-from tests.hosts import Hosts, unavailable
+from tests.hosts.namespaces import Hosts, unavailable
+from tests.support.common import ENGINE_CONFIG
 
 pytestmark = [pytest.mark.hosts, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 # A killed host (its ports refuse at once) is known dead in ~2 s; a silent one takes Ray longer (each
@@ -63,8 +63,8 @@ def reports(hosts: Hosts, checkpoint_factory: Any) -> dict[str, dict[str, Any]]:
         }
         for h in hosts.hosts[1:]
     }
-    argv = [sys.executable, "-m", "tests.host_faults", "--scenario", "crash", "crash-no-room", "partition", "--address",
-            hosts.head_address, "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts),
+    argv = [sys.executable, "-m", "tests.hosts.fault_driver", "--scenario", "crash", "crash-no-room", "partition",
+            "--address", hosts.head_address, "--checkpoint", str(ckpt), "--hosts", json.dumps(model_hosts),
             "--step-timeout-s", str(STEP_TIMEOUT_S)]  # fmt: skip
     r = hosts.run(hosts.hosts[0], argv, timeout_s=720, check=False)
     assert r.returncode == 0, r.stderr[-3000:]

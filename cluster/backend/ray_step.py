@@ -52,14 +52,14 @@ def step_everywhere(
     while pending:
         until = min(deadline, probe_at)
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(until - time.monotonic(), 0.0))
-        silent = [refs.index(r) for r in pending]
-        if not ready and time.monotonic() < deadline:  # probe time: is each silent worker's host there?
-            unreachable = [i for i, state in recovery.host_states(silent).items() if state == "unreachable"]
-            if unreachable:
-                break
-            probe_at = time.monotonic() + UNREACHABLE_GRACE_S
-            continue
-        if not ready:
+        if not ready:  # a deadline or the probe time: which workers are silent, and why
+            silent = [refs.index(r) for r in pending]
+            if time.monotonic() < deadline:  # probe time: is each silent worker's host there?
+                unreachable = [i for i, state in recovery.host_states(silent).items() if state == "unreachable"]
+                if unreachable:
+                    break
+                probe_at = time.monotonic() + UNREACHABLE_GRACE_S
+                continue
             peer_failed = any(isinstance(o, RayError) for o in outcome.values())
             if (peer_failed and not awaiting_verdict
                     and all(state == "gone" for state in recovery.host_states(silent).values())):  # fmt: skip
